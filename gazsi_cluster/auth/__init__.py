@@ -1,0 +1,40 @@
+"""Bearer-key authentication: the seam the data planes call.
+
+``Authorizer.authorize`` takes the raw ``Authorization`` header and what the request wants
+(a model, or admin rights) and returns the caller's :class:`Principal` or raises
+``AuthenticationError`` (401) / ``PermissionDenied`` (403) / ``RateLimited`` (429).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = ["AllowAll", "Authorizer", "Principal"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    name: str = ""
+    scopes: frozenset[str] = field(default_factory=frozenset)
+
+
+class Authorizer(Protocol):
+    async def authorize(self, authorization: str | None, *, model: str | None = None, admin: bool = False) -> Principal:
+        ...
+
+    async def record_usage(self, principal: Principal, *, model: str, tokens: int) -> None:
+        ...
+
+
+class AllowAll:
+    """No authentication (``auth.enabled: false``); every caller is ``anonymous``."""
+
+    _anonymous = Principal("anonymous", "anonymous", frozenset({"*"}))
+
+    async def authorize(self, authorization: str | None, *, model: str | None = None, admin: bool = False) -> Principal:
+        return self._anonymous
+
+    async def record_usage(self, principal: Principal, *, model: str, tokens: int) -> None:
+        return None

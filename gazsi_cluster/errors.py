@@ -1,0 +1,177 @@
+"""One exception tree for the whole project.
+
+    GazsiError                       root; carries keyword context for logs and error bodies
+    ├── InvalidRequest               400  bad input (param names the offending field)
+    │   ├── PayloadTooLarge          413
+    │   ├── TooManyInputs            400
+    │   ├── InputTooLong             400
+    │   └── UnknownModel             404  (OpenAI answers model_not_found with 404)
+    ├── NotFound                     404
+    ├── AuthenticationError          401  missing, malformed, unknown, expired or revoked key
+    ├── PermissionDenied             403  key lacks the scope
+    ├── RateLimited                  429  + Retry-After (per-key limits and quotas)
+    ├── Overloaded                   429  + Retry-After (admission queue full)
+    ├── DeadlineExceeded             504  request deadline passed before its batch ran
+    ├── ServiceUnavailable           503  not ready, draining, dependency down
+    │   └── NoHealthyNode            503
+    ├── ClientDisconnected           499  the client went away; its work was cancelled
+    ├── EngineError                  500  inference failed; the batch's requests all get it
+    └── ConfigError                  —    raised at start-up, never reaches HTTP
+
+Code elsewhere raises these, and translates foreign exceptions at the boundary with
+``raise Ours(...) from exc``. Exactly one function (:func:`gazsi_cluster.http.errors.to_response`)
+turns them into HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AuthenticationError",
+    "ClientDisconnected",
+    "ConfigError",
+    "DeadlineExceeded",
+    "EngineError",
+    "GazsiError",
+    "InputTooLong",
+    "InvalidRequest",
+    "NoHealthyNode",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "RateLimited",
+    "ServiceUnavailable",
+    "TooManyInputs",
+    "UnknownModel",
+]
+
+
+class GazsiError(Exception):
+    """Root of every error this project raises on purpose.
+
+    ``status`` and ``error_type`` say how the error looks on the wire; ``code`` is the
+    machine-readable OpenAI-style code; ``context`` holds keyword details for logs.
+    """
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.context = context
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.context.items())
+        return f"{type(self).__name__}({self.message!r}{extra})"
+
+
+class InvalidRequest(GazsiError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "payload_too_large"
+
+
+class TooManyInputs(InvalidRequest):
+    code = "too_many_inputs"
+
+
+class InputTooLong(InvalidRequest):
+    code = "input_too_long"
+
+
+class UnknownModel(InvalidRequest):
+    status = 404
+    code = "model_not_found"
+
+
+class NotFound(GazsiError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class AuthenticationError(GazsiError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GazsiError):
+    status = 403
+    error_type = "permission_error"
+    code = "insufficient_scope"
+
+
+class _RetryableError(GazsiError):
+    """An error after which the client should come back later; ``retry_after`` is in seconds."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.retry_after = max(0.0, retry_after)
+
+
+class RateLimited(_RetryableError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float = 1.0,
+        headers: dict[str, str] | None = None,
+        **context: Any,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after, **context)
+        self.headers = headers or {}
+
+
+class Overloaded(_RetryableError):
+    status = 429
+    error_type = "server_overloaded"
+    code = "overloaded"
+
+
+class ServiceUnavailable(_RetryableError):
+    status = 503
+    error_type = "service_unavailable"
+    code = "unavailable"
+
+
+class NoHealthyNode(ServiceUnavailable):
+    code = "no_healthy_node"
+
+
+class DeadlineExceeded(GazsiError):
+    status = 504
+    error_type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+class ClientDisconnected(GazsiError):
+    status = 499
+    error_type = "client_closed_request"
+    code = "client_disconnected"
+
+
+class EngineError(GazsiError):
+    status = 500
+    error_type = "server_error"
+    code = "engine_error"
+
+
+class ConfigError(GazsiError):
+    """Invalid configuration; raised at start-up."""
+
+    code = "config_error"
