@@ -1,0 +1,1 @@
+"""Ray Serve wiring only: app builders and the deployment classes that wrap the core packages."""
