@@ -1,0 +1,247 @@
+"""The GAZSI ring between the GPU stages and the CPU batcher: the CPU half, and a CPU emulation of the GPU half.
+
+The ring is one buffer (``_layout.RING_BYTES``): on a GPU node mapped pinned host memory
+(``cudaHostAlloc`` mapped, see :class:`~edge_node.dataplane.gpu.control.MappedBuffer`), in unit
+tests a plain numpy array with the same layout. Slots go FREE → PARAM_READY → PROCESSING →
+RESULT_READY → CONSUMED → FREE; index queues are bounded Vyukov queues (see ``ring.cu``).
+
+Division of labour (why the CPU needs no atomic read-modify-write): the CPU is the only
+producer of the free and response queues and the only consumer of the request queue, and it
+only changes a slot's state while it owns the slot (PARAM_READY, PROCESSING, CONSUMED). The GPU
+(many threads) claims with system-scope CAS. On the CPU a value is stored before the sequence
+word that publishes it; x86 keeps stores in order, and loads are not reordered with loads.
+
+T0..T8 per slot (u64 ns): T0 head complete (CPU), T1 burst launched (CPU), T2 PARAM_READY (GPU
+``%globaltimer``), T3 taken by the CPU, T4/T5 inference start/end (batch marks), T6 built (GPU
+clock), T7 written to the socket, T8 FREE again. CPU marks use ``time.perf_counter_ns``; the two
+GPU marks are another clock, so stage durations are taken within one clock only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from gazsi_cluster.errors import GazsiError
+
+from . import _layout as L
+
+__all__ = ["EmulatedGpuSide", "HostRing", "RingStateError", "RingView"]
+
+_U32 = 0xFFFFFFFF
+
+
+class RingStateError(GazsiError):
+    """A slot was found in a state its owner did not expect: a bug, never a client's fault."""
+
+
+class RingView:
+    """numpy views of every ring field over ``buf`` (uint8, ``RING_BYTES`` long)."""
+
+    def __init__(self, buf: np.ndarray) -> None:
+        if buf.dtype != np.uint8 or buf.size < L.RING_BYTES:
+            raise ValueError(f"ring buffer must be uint8 of at least {L.RING_BYTES} bytes")
+        n = L.RING_N
+        self.buf = buf
+        self.hdr = buf[0:64].view(np.uint32)
+        self.qseq = buf[L.RO_QSEQ:L.RO_QVAL].view(np.uint32).reshape(3, n)
+        self.qval = buf[L.RO_QVAL:L.RO_STATE].view(np.uint32).reshape(3, n)
+        self.state = buf[L.RO_STATE:L.RO_PARAM].view(np.uint32)
+        self.param = buf[L.RO_PARAM:L.RO_SAMPLE].view(np.int32).reshape(n, L.P_NFIELDS)
+        self.sample = buf[L.RO_SAMPLE:L.RO_TS].view(np.float32).reshape(n, 4)
+        self.ts = buf[L.RO_TS:L.RO_OUTLEN].view(np.uint64).reshape(n, 9)
+        self.out_len = buf[L.RO_OUTLEN:L.RO_D].view(np.int32)
+        self.d = buf[L.RO_D:L.RO_OUT].reshape(n, L.D_MAX)
+        self.out = buf[L.RO_OUT:L.RING_BYTES].reshape(n, L.RING_OUT)
+
+
+class HostRing:
+    """The CPU side. Not thread-safe by design: one thread (the event loop) owns it."""
+
+    def __init__(self, buf: np.ndarray) -> None:
+        self.v = RingView(buf)
+        self.reset()
+
+    def reset(self) -> None:
+        """All slots FREE and queued on the free queue; counters zero (no GPU work may be in flight)."""
+        v = self.v
+        v.buf[: L.RO_D] = 0
+        for q in range(3):
+            v.qseq[q, :] = np.arange(L.RING_N, dtype=np.uint32)  # cell i expects position i
+        for slot in range(L.RING_N):
+            self.push(L.Q_FREE, slot)
+
+    # -- queues ---------------------------------------------------------------------------
+    def push(self, q: int, value: int) -> None:
+        """Single-producer push (free or response queue). Never full: each slot is in one queue."""
+        v = self.v
+        pos = int(v.hdr[2 * q + 1])
+        cell = pos & (L.RING_N - 1)
+        deadline = 0.0
+        while int(v.qseq[q, cell]) != pos:
+            # A GPU consumer may have claimed this cell's previous lap (CAS on head) without yet
+            # handing it back (its sequence store): that takes nanoseconds. Anything longer is a bug.
+            now = time.perf_counter()
+            deadline = deadline or now + 0.01
+            if now > deadline:
+                raise RingStateError(f"queue {q} full at position {pos}")
+        v.qval[q, cell] = value
+        v.qseq[q, cell] = (pos + 1) & _U32  # publishes the value (stored after it)
+        v.hdr[2 * q + 1] = (pos + 1) & _U32
+
+    def pop(self, q: int) -> int | None:
+        """Single-consumer pop (request queue): the slot, or None when empty."""
+        v = self.v
+        pos = int(v.hdr[2 * q])
+        cell = pos & (L.RING_N - 1)
+        if int(v.qseq[q, cell]) != (pos + 1) & _U32:
+            return None
+        value = int(v.qval[q, cell])
+        v.qseq[q, cell] = (pos + L.RING_N) & _U32  # hands the cell back to producers
+        v.hdr[2 * q] = (pos + 1) & _U32
+        return value & (L.RING_N - 1)
+
+    def pop_requests(self) -> list[int]:
+        out = []
+        while (slot := self.pop(L.Q_REQUEST)) is not None:
+            out.append(slot)
+        return out
+
+    # -- slot states ----------------------------------------------------------------------
+    def _move(self, slot: int, frm: int, to: int) -> None:
+        cur = int(self.v.state[slot])
+        if cur != frm:
+            raise RingStateError(
+                f"slot {slot} is {L.STATE_NAMES[cur] if cur < 5 else cur}, expected {L.STATE_NAMES[frm]}")
+        self.v.state[slot] = to
+
+    def stamp(self, slot: int, mark: int, ns: int | None = None) -> None:
+        self.v.ts[slot, mark] = time.perf_counter_ns() if ns is None else ns
+
+    def take(self, slot: int) -> bytes:
+        """PARAM_READY → PROCESSING; returns the decoded ``d`` bytes."""
+        self._move(slot, L.S_PARAM_READY, L.S_PROCESSING)
+        self.stamp(slot, 3)
+        n = int(self.v.param[slot, L.J_DLEN])
+        return self.v.d[slot, :n].tobytes()
+
+    def complete(self, slot: int, *, tokens: int, batch_size: int, inference_us: int, sample: Sequence[float],
+                 infer_marks: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Write the result, PROCESSING → RESULT_READY, and queue the slot for the builder."""
+        p = self.v.param[slot]
+        p[L.J_TOKENS], p[L.J_BATCH], p[L.J_INFER_US] = tokens, batch_size, min(inference_us, 2**31 - 1)
+        self.v.sample[slot, :3] = np.asarray(sample[:3], dtype=np.float32)
+        self.stamp(slot, 4, int(infer_marks[0] * 1e9))
+        self.stamp(slot, 5, int(infer_marks[1] * 1e9))
+        self._move(slot, L.S_PROCESSING, L.S_RESULT_READY)  # after the result: the state publishes it
+        self.push(L.Q_RESPONSE, slot)
+
+    def abort(self, slot: int) -> None:
+        """PROCESSING → FREE: the request failed on the CPU and was answered there."""
+        self._move(slot, L.S_PROCESSING, L.S_FREE)
+        self.stamp(slot, 8)
+        self.push(L.Q_FREE, slot)
+
+    def response(self, slot: int) -> bytes:
+        """The built HTTP response of a CONSUMED slot."""
+        if int(self.v.state[slot]) != L.S_CONSUMED:
+            raise RingStateError(f"slot {slot} has no built response")
+        return self.v.out[slot, : int(self.v.out_len[slot])].tobytes()
+
+    def release(self, slot: int) -> None:
+        """CONSUMED → FREE once the response is on its way."""
+        self._move(slot, L.S_CONSUMED, L.S_FREE)
+        self.stamp(slot, 8)
+        self.push(L.Q_FREE, slot)
+
+    def counts(self) -> dict[str, int]:
+        states = np.bincount(self.v.state.astype(np.int64), minlength=5)
+        out = {name: int(states[i]) for i, name in enumerate(L.STATE_NAMES)}
+        out["errors"], out["full"] = int(self.v.hdr[L.RH_ERRORS]), int(self.v.hdr[L.RH_FULL])
+        return out
+
+
+class EmulatedGpuSide:
+    """The GPU half of ``ring.cu`` in Python, same algorithm, a lock standing in for each CAS.
+
+    Lets unit tests drive the state machine and the queues with concurrent "GPU" threads on a
+    machine without a GPU. Several threads may call it at once (as warps would).
+    """
+
+    def __init__(self, view: RingView) -> None:
+        self.v = view
+        self._cas_lock = threading.Lock()
+
+    def _cas(self, arr: np.ndarray, idx: int, expect: int, new: int) -> bool:
+        with self._cas_lock:
+            if int(arr[idx]) != expect:
+                return False
+            arr[idx] = new
+            return True
+
+    def push(self, q: int, value: int, spin: int = 100_000) -> int:
+        v = self.v
+        for _ in range(spin):
+            pos = int(v.hdr[2 * q + 1])
+            cell = pos & (L.RING_N - 1)
+            dif = (int(v.qseq[q, cell]) - pos + 2**31) % 2**32 - 2**31
+            if dif == 0:
+                if self._cas(v.hdr, 2 * q + 1, pos, (pos + 1) & _U32):
+                    v.qval[q, cell] = value
+                    v.qseq[q, cell] = (pos + 1) & _U32
+                    return 1
+            elif dif < 0:
+                return 0
+        return -1
+
+    def pop(self, q: int, spin: int = 100_000) -> int | None:
+        v = self.v
+        for _ in range(spin):
+            pos = int(v.hdr[2 * q])
+            cell = pos & (L.RING_N - 1)
+            dif = (int(v.qseq[q, cell]) - (pos + 1) + 2**31) % 2**32 - 2**31
+            if dif == 0:
+                if self._cas(v.hdr, 2 * q, pos, (pos + 1) & _U32):
+                    value = int(v.qval[q, cell])
+                    v.qseq[q, cell] = (pos + L.RING_N) & _U32
+                    return value & (L.RING_N - 1)
+            elif dif < 0:
+                return None
+        return None
+
+    def move(self, slot: int, frm: int, to: int) -> bool:
+        if self._cas(self.v.state, slot, frm, to):
+            return True
+        with self._cas_lock:
+            self.v.hdr[L.RH_ERRORS] += 1
+        return False
+
+    def admit(self, d: bytes, *, keep_alive: bool = True, tag: int = 0) -> int:
+        """``gz_ring_admit`` for one request: the slot, or -2 when none is free."""
+        slot = self.pop(L.Q_FREE)
+        if slot is None:
+            with self._cas_lock:
+                self.v.hdr[L.RH_FULL] += 1
+            return -2
+        self.v.d[slot, : len(d)] = np.frombuffer(d, dtype=np.uint8)
+        p = self.v.param[slot]
+        p[:] = 0
+        p[L.J_KIND], p[L.J_KEEPALIVE], p[L.J_DLEN], p[L.P_TAG] = 1, int(keep_alive), len(d), tag
+        self.v.ts[slot, 2] = time.perf_counter_ns()
+        if not self.move(slot, L.S_FREE, L.S_PARAM_READY) or self.push(L.Q_REQUEST, slot) != 1:
+            return -3
+        return slot
+
+    def build_one(self) -> int | None:
+        """``gz_ring_build`` for one thread: pop a response, RESULT_READY → CONSUMED, write a marker body."""
+        slot = self.pop(L.Q_RESPONSE)
+        if slot is None or not self.move(slot, L.S_RESULT_READY, L.S_CONSUMED):
+            return None
+        body = b"tokens=%d" % int(self.v.param[slot, L.J_TOKENS])
+        self.v.out[slot, : len(body)] = np.frombuffer(body, dtype=np.uint8)
+        self.v.out_len[slot] = len(body)
+        self.v.ts[slot, 6] = time.perf_counter_ns()
+        return slot
