@@ -19,6 +19,7 @@ from edge_node.metrics import EdgeMetrics
 from edge_node.service import EmbeddingService
 from edge_node.tokenization import TextTokenizer
 from gazsi_cluster.auth import AllowAll, Authorizer
+from gazsi_cluster.cache import ResponseCache, build_response_cache
 from gazsi_cluster.config import BatcherConfig, Settings
 from gazsi_cluster.errors import ServiceUnavailable
 from gazsi_cluster.model import ModelSpec, load_model_spec
@@ -35,6 +36,8 @@ class EdgeRuntime:
         self.settings = settings
         self.metrics = EdgeMetrics()
         self.authorizer: Authorizer = authorizer or AllowAll()
+        self.response_cache: ResponseCache | None = build_response_cache(settings)
+        self._auth_started = False
         self.created = int(time.time())
         self._engine = engine
         self._service: EmbeddingService | None = None
@@ -46,6 +49,12 @@ class EdgeRuntime:
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self, *, wait: bool = False) -> None:
         """Begin loading; with ``wait`` return only once ready (or raise the load error)."""
+        if not self._auth_started:
+            # The key store connects (and migrates) before the first request can need it.
+            start = getattr(self.authorizer, "start", None)
+            if start is not None:
+                await start()
+            self._auth_started = True
         if self._load_task is None:
             self._load_task = asyncio.create_task(self._load(), name="gazsi-edge-load")
         if wait:
@@ -71,7 +80,8 @@ class EdgeRuntime:
             self._engine, self._spec = engine, spec
             self._service = EmbeddingService(
                 model_id=cfg.model, tokenizer=tokenizer, batcher=batcher, limits=self.settings.limits,
-                dimensions=engine.info.dimensions,
+                dimensions=engine.info.dimensions, cache=self.response_cache,
+                cache_namespace=f"{cfg.model}:{spec.weights_hash}",
             )
             info = engine.info
             self.metrics.engine_info.labels(info.backend, info.device, info.dtype).set(1)
@@ -89,6 +99,13 @@ class EdgeRuntime:
             await self._service.batcher.stop(drain_timeout_s)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.close)
+        if self._auth_started:
+            close = getattr(self.authorizer, "close", None)
+            if close is not None:
+                await close()
+            self._auth_started = False
+        if self.response_cache is not None:
+            await self.response_cache.close()
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -131,4 +148,9 @@ class EdgeRuntime:
                                 "healthy": engine.healthy()}
         if self.load_error is not None:
             detail["error"] = "engine failed to load; see the node's log"
+        auth_status = getattr(self.authorizer, "status", None)
+        if auth_status is not None:
+            detail["auth"] = auth_status()
+        if self.response_cache is not None:
+            detail["cache"] = self.response_cache.status()
         return detail

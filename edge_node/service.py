@@ -17,6 +17,7 @@ import numpy as np
 
 from edge_node.batcher import Batcher, ItemResult
 from edge_node.tokenization import TextTokenizer
+from gazsi_cluster.cache import ResponseCache
 from gazsi_cluster.config import LimitsConfig
 from gazsi_cluster.errors import DeadlineExceeded, InputTooLong, InvalidRequest, TooManyInputs, UnknownModel
 
@@ -64,6 +65,7 @@ class EmbedOutcome:
     prompt_tokens: int
     batch_size: int  # largest batch any input rode in
     inference_us: int  # engine time of the slowest batch involved
+    cache: str | None = None  # "hit" | "miss" | "partial" when the response cache took part
 
 
 def normalise_input(raw: Any) -> tuple[list[str] | None, list[list[int]] | None]:
@@ -96,8 +98,13 @@ class EmbeddingService:
         batcher: Batcher,
         limits: LimitsConfig,
         dimensions: int,
+        cache: ResponseCache | None = None,
+        cache_namespace: str = "",
     ) -> None:
         self.model_id = model_id
+        self.cache = cache
+        # model id + weights hash: new weights never read vectors cached for the old ones.
+        self.cache_namespace = cache_namespace or model_id
         self.tokenizer = tokenizer
         self.batcher = batcher
         self.limits = limits
@@ -172,11 +179,27 @@ class EmbeddingService:
             inference_us=int((slowest.infer_end - slowest.infer_start) * 1e6),
         )
 
-    async def embed(self, raw_input: Any, timing: Timing) -> EmbedOutcome:
+    async def embed(self, raw_input: Any, timing: Timing, *, use_cache: bool = True) -> EmbedOutcome:
+        """Embed OpenAI-style input; ``use_cache=False`` (``Cache-Control: no-cache``) recomputes."""
         texts, ids = normalise_input(raw_input)
         seqs = await self.tokenize(texts, ids)
         timing.tokenized = time.perf_counter()
-        return await self.embed_tokens(seqs, timing)
+        if self.cache is None:
+            return await self.embed_tokens(seqs, timing)
+
+        async def compute(missing: list[np.ndarray]) -> tuple[np.ndarray, EmbedOutcome]:
+            outcome = await self.embed_tokens(missing, timing)
+            return outcome.vectors, outcome
+
+        result = await self.cache.resolve(self.cache_namespace, seqs, compute, use_cache=use_cache)
+        ran: EmbedOutcome | None = result.computed
+        return EmbedOutcome(
+            vectors=result.vectors,
+            prompt_tokens=sum(len(s) for s in seqs),
+            batch_size=ran.batch_size if ran else 0,
+            inference_us=ran.inference_us if ran else 0,
+            cache=result.status,
+        )
 
 
 def shape_vectors(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
@@ -185,7 +208,8 @@ def shape_vectors(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
         return vectors
     cut = vectors[:, :dimensions]
     norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    return (cut / np.maximum(norms, 1e-12)).astype(np.float32)
+    shaped: np.ndarray = (cut / np.maximum(norms, 1e-12)).astype(np.float32)
+    return shaped
 
 
 def openai_payload(

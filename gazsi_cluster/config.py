@@ -25,6 +25,7 @@ __all__ = [
     "ControlPlaneConfig",
     "EdgeConfig",
     "EngineConfig",
+    "GatewayConfig",
     "LimitsConfig",
     "Settings",
     "load_settings",
@@ -88,12 +89,26 @@ class AuthConfig(_Section):
     key_env: str = Field("live", pattern=r"^[a-z0-9]{1,16}$", description="The <env> part of gz_<env>_…")
     cache_ttl_s: float = Field(30.0, ge=0, description="How long a verified key is trusted in-process.")
     cache_size: int = Field(10_000, ge=1, description="Keys kept in the in-process LRU.")
+    redis_cache_ttl_s: float = Field(300.0, ge=1, description="How long a verified key stays in the Redis tier.")
+    redis_timeout_s: float = Field(0.5, gt=0, description="Socket timeout of Redis calls on the hot path.")
+    usage_flush_interval_s: float = Field(2.0, gt=0, description="How often buffered usage is written.")
+    usage_buffer_rows: int = Field(
+        10_000, ge=1, description="Distinct (key, model, day) rows buffered; more are dropped and counted."
+    )
+    bootstrap_admin_key: str | None = Field(
+        None,
+        description="Admin key (gz_<env>_…) the gateway stores (hashed) on first start if no admin key "
+        "exists; the Helm chart fills it from a Secret so operators can read it back.",
+    )
 
 
 class CacheConfig(_Section):
     enabled: bool = Field(True, description="Response cache for embeddings (per input item).")
     ttl_s: int = Field(86_400, ge=1, description="Time to live of a cached embedding.")
     max_items: int = Field(100_000, ge=1, description="In-process cache size (embedded mode).")
+    redis_url: str | None = Field(
+        None, description="redis://… for the shared cache tier; unset = auth.redis_url, else in-process."
+    )
 
 
 class EdgeConfig(_Section):
@@ -102,9 +117,39 @@ class EdgeConfig(_Section):
     dataplane: Literal["auto", "socket", "gpu", "gpunetio"] = Field(
         "auto", description="auto picks gpunetio only with GPU + SmartNIC + DOCA, else socket."
     )
+    api_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="gpu data plane only: port of the FastAPI routes (/v1/embeddings, /readyz, /metrics); "
+        "None = port + 1.",
+    )
+    # Added for the fast socket front (issue 8); all optional, 0 workers keeps the single FastAPI process.
+    workers: int = Field(
+        0, ge=0, le=256,
+        description="socket data plane: 0 = one FastAPI process; N = N HTTP worker processes (SO_REUSEPORT) "
+        "feeding one engine process through a shared-memory ring; FastAPI keeps /readyz, /metrics and "
+        "admin routes on admin_port.",
+    )
+    admin_port: int | None = Field(
+        None, ge=0, le=65535, description="fast front only: port of the FastAPI app in the engine process; None = port + 1."
+    )
+    ring_slots_per_worker: int = Field(
+        64, ge=1, le=4096, description="fast front: requests (chunks) one worker may have in flight; more get 429."
+    )
+    ring_slot_inputs: int = Field(32, ge=1, le=4096, description="fast front: inputs one ring slot carries.")
+    ring_slot_tokens: int = Field(
+        4096, ge=512, description="fast front: tokens one ring slot carries (bigger requests span several slots)."
+    )
     region: str = Field("local", description="Region this point of presence serves.")
     zone: str = Field("local-a", description="Zone inside the region.")
     timing_header: bool = Field(True, description="Honour X-Gazsi-Timing: 1 with a per-stage timing header.")
+
+
+class GatewayConfig(_Section):
+    host: str = Field("127.0.0.1", description="Bind address of the gateway's direct listener.")
+    port: int = Field(
+        8080, ge=0, le=65535,
+        description="Direct listener port (SO_REUSEPORT across replicas); 0 = Ray's proxy only.",
+    )
 
 
 class ControlPlaneConfig(_Section):
@@ -116,6 +161,27 @@ class ControlPlaneConfig(_Section):
     routing_policy: Literal["p2c", "latency", "affinity", "hash", "wrr"] = Field(
         "p2c", description="How a request picks its edge."
     )
+    # Added for the control plane (issue 4); all optional with safe defaults.
+    host: str = Field("127.0.0.1", description="Bind address of the control plane's HTTPS join/heartbeat API.")
+    port: int = Field(8443, ge=0, le=65535, description="Port of the control plane's HTTPS API (0 = any free one).")
+    ca_file: Path | None = Field(
+        None, description="Cluster CA certificate an edge uses to verify the control plane (PEM)."
+    )
+    admin_token: str | None = Field(None, description="Bearer token for /admin/nodes and `gazsi nodes`.")
+    database_url: str | None = Field(
+        None, description="postgresql://… for heartbeat samples and node events; unset = in memory."
+    )
+    join_rate_per_s: float = Field(20.0, gt=0, description="Registrations accepted per second (token bucket).")
+    join_burst: int = Field(50, ge=1, description="Registrations accepted in a burst before rate limiting.")
+    table_refresh_s: float = Field(
+        0.25, gt=0, description="How often gateways/edges pull the routing table (and the table is rebuilt)."
+    )
+    client_region: str | None = Field(None, description="Region a gateway prefers for affinity routing.")
+    retry_attempts: int = Field(3, ge=1, le=10, description="Nodes one request may try (first try included).")
+    request_timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of a routed request.")
+    connect_timeout_s: float = Field(0.5, gt=0, description="Connect timeout; a refused node fails fast.")
+    hedge: bool = Field(False, description="Send a second copy after ~p95 latency and keep the faster.")
+    node_cert_days: int = Field(30, ge=1, description="Validity of node certificates issued at join.")
 
     @model_validator(mode="after")
     def _dead_after_suspect(self) -> ControlPlaneConfig:
@@ -143,6 +209,7 @@ class Settings(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     control_plane: ControlPlaneConfig = Field(default_factory=ControlPlaneConfig)
 
     @model_validator(mode="after")
@@ -169,6 +236,21 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
+class _ExplicitSettings(Settings):
+    """Settings validated from explicit values only: overrides are applied after env, not under it."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -181,26 +263,32 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
-    """Load settings from an optional YAML/JSON file, then ``GAZSI_*`` env, then ``overrides``.
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    path: str | Path | None = None, *, defaults: dict[str, Any] | None = None, **overrides: Any
+) -> Settings:
+    """Load settings: ``defaults`` < the YAML/JSON file < ``GAZSI_*`` env < ``overrides``.
 
     >>> load_settings(batcher={"max_batch_size": 16}).batcher.max_batch_size
     16
     """
     if path is None:
         path = os.environ.get("GAZSI_CONFIG") or None
-    data: dict[str, Any] = _read_file(Path(path)) if path else {}
+    data: dict[str, Any] = _deep_merge(defaults or {}, _read_file(Path(path)) if path else {})
     try:
         settings = Settings(**data)
         # Explicit overrides (CLI flags, tests) beat env: apply them after the sources merged.
         if overrides:
-            merged = settings.model_dump()
-            for key, value in overrides.items():
-                if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                    merged[key].update(value)
-                else:
-                    merged[key] = value
-            settings = Settings.model_validate(merged)
+            settings = _ExplicitSettings(**_deep_merge(settings.model_dump(), overrides))
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
     return settings

@@ -7,9 +7,12 @@
     │   ├── InputTooLong             400
     │   └── UnknownModel             404  (OpenAI answers model_not_found with 404)
     ├── NotFound                     404
+    │   └── UnknownNode              404  heartbeat from a node the control plane does not know
+    ├── Conflict                     409  e.g. a node id already held by a live node
     ├── AuthenticationError          401  missing, malformed, unknown, expired or revoked key
     ├── PermissionDenied             403  key lacks the scope
     ├── RateLimited                  429  + Retry-After (per-key limits and quotas)
+    │   └── QuotaExceeded            429  monthly token quota used up (code insufficient_quota)
     ├── Overloaded                   429  + Retry-After (admission queue full)
     ├── DeadlineExceeded             504  request deadline passed before its batch ran
     ├── ServiceUnavailable           503  not ready, draining, dependency down
@@ -31,6 +34,7 @@ __all__ = [
     "AuthenticationError",
     "ClientDisconnected",
     "ConfigError",
+    "Conflict",
     "DeadlineExceeded",
     "EngineError",
     "GazsiError",
@@ -41,10 +45,12 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "PermissionDenied",
+    "QuotaExceeded",
     "RateLimited",
     "ServiceUnavailable",
     "TooManyInputs",
     "UnknownModel",
+    "UnknownNode",
 ]
 
 
@@ -100,6 +106,16 @@ class NotFound(GazsiError):
     code = "not_found"
 
 
+class UnknownNode(NotFound):
+    code = "unknown_node"
+
+
+class Conflict(GazsiError):
+    status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class AuthenticationError(GazsiError):
     status = 401
     error_type = "authentication_error"
@@ -135,6 +151,10 @@ class RateLimited(_RetryableError):
     ) -> None:
         super().__init__(message, retry_after=retry_after, **context)
         self.headers = headers or {}
+
+
+class QuotaExceeded(RateLimited):
+    code = "insufficient_quota"
 
 
 class Overloaded(_RetryableError):

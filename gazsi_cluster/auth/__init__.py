@@ -18,6 +18,8 @@ class Principal:
     key_id: str
     name: str = ""
     scopes: frozenset[str] = field(default_factory=frozenset)
+    # X-RateLimit-* headers for the response (name, value) pairs; empty when the key has no limits.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Authorizer(Protocol):

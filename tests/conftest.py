@@ -1,0 +1,60 @@
+"""Service fixtures any test may use: throwaway PostgreSQL and Redis (never the machine's own).
+
+Without the binaries a test skips, unless ``GAZSI_REQUIRE_SERVICES=1`` (CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gazsi_cluster.testing_services import ThrowawayPostgres, ThrowawayRedis
+
+
+def _service_missing(what: str, exc: BaseException) -> None:
+    if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{what} is required (GAZSI_REQUIRE_SERVICES=1) but could not start: {exc!r}")
+    pytest.skip(f"{what} unavailable: {exc!r} (pip install -e '.[dev]')")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawayPostgres]:
+    """One throwaway PostgreSQL per session (pgserver, unix socket)."""
+    server = ThrowawayPostgres(tmp_path_factory.mktemp("pg"))
+    try:
+        server.start()
+    except Exception as exc:
+        _service_missing("PostgreSQL", exc)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: ThrowawayPostgres) -> str:
+    """A fresh, empty database on the session's server."""
+    return postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[ThrowawayRedis]:
+    """A throwaway redis-server on a free loopback port; tests may ``stop()`` it to simulate an outage."""
+    server = ThrowawayRedis(tmp_path / "redis")
+    try:
+        server.start()
+    except Exception as exc:
+        _service_missing("Redis", exc)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: ThrowawayRedis) -> str:
+    return redis_server.url

@@ -1,0 +1,95 @@
+"""One contract, two backends: embedded SQLite and a real (throwaway) PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from gazsi_cluster.auth.admin import KeyAdmin
+from gazsi_cluster.auth.keys import UsageRow, hash_key
+from gazsi_cluster.auth.store import KeyStore, open_store
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStore]:
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    s = open_store(url, tmp_path)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_migrations_are_idempotent(store: KeyStore, tmp_path: Path) -> None:
+    admin = KeyAdmin(store, env="test")
+    new = await admin.create(name="a")
+    await store.start()  # a second start (another replica, a restart) applies nothing twice
+    assert (await store.get_by_hash(new.record.key_hash)) == new.record
+    assert isinstance(store, KeyStore)
+
+
+async def test_create_lookup_find_list(store: KeyStore) -> None:
+    admin = KeyAdmin(store, env="test")
+    new = await admin.create(name="svc", owner="team-a", scopes=["m1", "m2"], rpm=5, tpm=100,
+                             monthly_quota=1000, expires_days=1)
+    assert new.key.startswith("gz_test_") and new.record.prefix == new.key[: len("gz_test_") + 8]
+    assert new.record.key_hash == hash_key(new.key) and new.key not in repr(new.record)
+    got = await store.get_by_hash(hash_key(new.key))
+    assert got == new.record
+    assert got.scopes == ("m1", "m2") and got.rpm == 5 and got.monthly_quota == 1000
+    assert await store.find(new.record.id) == got
+    assert await store.find(new.record.prefix) == got
+    assert await store.find("nope") is None
+    assert await store.get_by_hash(hash_key("gz_test_" + "x" * 43)) is None
+    other = await admin.create(name="other")
+    assert [r.id for r in await store.list_keys()] == [new.record.id, other.record.id]
+
+
+async def test_revoke_keeps_first_time_and_rotate(store: KeyStore) -> None:
+    admin = KeyAdmin(store, env="test")
+    new = await admin.create(name="r", rpm=7)
+    first = await store.revoke(new.record.id, 1000.0)
+    assert first is not None and first.revoked_at == 1000.0
+    again = await store.revoke(new.record.id, 2000.0)
+    assert again is not None and again.revoked_at == 1000.0
+    assert await store.revoke("key_missing", 1.0) is None
+    fresh = await KeyAdmin(store, env="test").create(name="to-rotate", tpm=9)
+    rotated = await admin.rotate(fresh.record.prefix)
+    assert rotated.key != fresh.key and rotated.record.tpm == 9 and rotated.record.name == "to-rotate"
+    old = await store.find(fresh.record.id)
+    assert old is not None and old.revoked_at is not None
+    assert (await store.get_by_hash(hash_key(rotated.key))) is not None
+
+
+async def test_usage_upserts_and_filters(store: KeyStore) -> None:
+    d1, d2 = date(2026, 11, 1), date(2026, 11, 2)
+    await store.add_usage([UsageRow("k1", "m", d1, 1, 10), UsageRow("k2", "m", d1, 2, 20)])
+    await store.add_usage([UsageRow("k1", "m", d1, 3, 30), UsageRow("k1", "m", d2, 1, 5)])
+    rows = await store.usage(key_id="k1")
+    assert [(r.day, r.requests, r.tokens) for r in rows] == [(d1, 4, 40), (d2, 1, 5)]
+    assert [r.key_id for r in await store.usage(since=d1, until=d1)] == ["k1", "k2"]
+    assert await store.tokens_since("k1", d2) == 5
+    assert await store.tokens_since("k1", d1) == 45
+    assert await store.tokens_since("nobody", d1) == 0
+
+
+async def test_expiry_is_stored(store: KeyStore) -> None:
+    admin = KeyAdmin(store, env="test", clock=lambda: 1_000_000.0)
+    new = await admin.create(name="e", expires_days=2)
+    got = await store.get_by_hash(new.record.key_hash)
+    assert got is not None and got.expires_at == pytest.approx(1_000_000.0 + 2 * 86_400)
+    assert got.created_at == pytest.approx(1_000_000.0)
+
+
+async def test_postgres_down_is_service_unavailable(tmp_path: Path) -> None:
+    from gazsi_cluster.errors import ServiceUnavailable
+
+    s = open_store("postgresql://postgres@127.0.0.1:1/postgres", tmp_path)
+    with pytest.raises(ServiceUnavailable):
+        await s.start()
