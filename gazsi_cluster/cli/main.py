@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # One line per HTTP call from httpx drowns the CLI's own progress lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         result = args.handler(args)
     except GazsiError as exc:

@@ -1,0 +1,77 @@
+"""The Gateway deployment: the cluster's public ingress (Serve's proxy and a direct listener).
+
+Per-request traffic does not have to pass Ray's HTTP proxy (measured ~14x slower than plain
+uvicorn on a 2-core machine): every gateway replica also serves the same app on
+``gateway.host:gateway.port`` with SO_REUSEPORT, so replicas on one host share the port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from ray import serve
+
+from deployments._settings import apply_user_config, replica_settings
+from edge_node.agent import RayLink
+from gazsi_cluster.auth import AllowAll, Authorizer
+from gazsi_cluster.auth.factory import build_authorizer
+from gazsi_cluster.gateway import Gateway, create_gateway_app
+from gazsi_cluster.http.server import RunningServer, start_server
+from gazsi_cluster.routing import TableFollower
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=512, health_check_period_s=2, graceful_shutdown_timeout_s=20)
+@serve.ingress()
+class GatewayDeployment:
+    async def __init__(self, edge: Any = None, profile: str = "cpu", overrides: dict[str, Any] | None = None) -> None:
+        from control_plane import get_or_create_control_plane
+
+        # `edge` is the Edge deployment's handle: binding it makes Serve deploy the edges with
+        # this app; requests go to edges over their own HTTP listeners, not through the handle.
+        self.edge = edge
+        self.settings = replica_settings(profile, overrides)
+        self.authorizer: Authorizer = (
+            build_authorizer(self.settings) if self.settings.auth.enabled else AllowAll()
+        )
+        start = getattr(self.authorizer, "start", None)
+        if start is not None:
+            await start()
+        link = RayLink(get_or_create_control_plane(self.settings))
+        self.follower = TableFollower(link.table, refresh_s=self.settings.control_plane.table_refresh_s)
+        with contextlib.suppress(Exception):
+            await self.follower.refresh()
+        await self.follower.start()
+        self.gateway = Gateway(self.settings, authorizer=self.authorizer, table=self.follower)
+        self.asgi = create_gateway_app(self.gateway)
+        self.listener: RunningServer | None = None
+        if self.settings.gateway.port:
+            self.listener = await start_server(
+                create_gateway_app(self.gateway), self.settings.gateway.host, self.settings.gateway.port,
+                reuse_port=True,
+            )
+            log.info("gateway direct listener on %s:%d", self.settings.gateway.host, self.listener.port)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.asgi
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        if user_config:
+            self.settings = apply_user_config(self.settings, user_config)
+            self.gateway.settings = self.settings
+
+    async def check_health(self) -> None:
+        if self.listener is not None and not self.listener.alive:
+            raise RuntimeError("gateway direct listener stopped")
+
+    async def __del__(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
+        await self.follower.stop()
+        await self.gateway.aclose()
+        close = getattr(self.authorizer, "close", None)
+        if close is not None:
+            await close()

@@ -1,0 +1,6 @@
+"""The gateway ingress: the public API in front of many edges, routed by the control plane's table."""
+
+from gazsi_cluster.gateway.app import create_gateway_app
+from gazsi_cluster.gateway.core import Gateway
+
+__all__ = ["Gateway", "create_gateway_app"]

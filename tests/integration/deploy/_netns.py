@@ -1,0 +1,41 @@
+"""Run a scenario script inside a private network namespace that has only ``lo``.
+
+Ray binds to the host's address when started; inside ``unshare -n`` it can reach nothing but
+loopback. The scenario prints one JSON line prefixed ``RESULT:`` that the test asserts on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def run_scenario(script: Path, *args: str, timeout_s: float) -> dict[str, Any]:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
+            pytest.fail("unshare/ip are required to isolate Ray (GAZSI_REQUIRE_SERVICES=1)")
+        pytest.skip("unshare/ip not available to isolate Ray's network")
+    quoted = " ".join(f"'{a}'" for a in (sys.executable, str(script), *args))
+    proc = subprocess.run(
+        ["unshare", "-n", "bash", "-c", f"ip link set lo up && exec {quoted}"],
+        capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0"),
+    )
+    if proc.returncode != 0 and "Operation not permitted" in proc.stderr[:2000]:
+        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"unshare -n not permitted: {proc.stderr[:500]}")
+        pytest.skip("unshare -n not permitted here")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT:")]
+    assert proc.returncode == 0 and lines, (
+        f"scenario failed (rc={proc.returncode})\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
+    return dict(json.loads(lines[-1][len("RESULT:"):]))
