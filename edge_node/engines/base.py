@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Engine", "EngineInfo", "SEQ_BUCKETS", "bucket_length", "pad_batch"]
+__all__ = ["SEQ_BUCKETS", "Engine", "EngineInfo", "bucket_length", "pad_batch"]
 
 # Padded lengths a batch is rounded up to: few shapes keep CUDA graphs and TensorRT profiles
 # reusable while wasting at most ~half a bucket of padding.

@@ -1,0 +1,90 @@
+"""The detached, named control-plane actor on a real local Ray, inside a private network namespace.
+
+The test re-executes itself under ``unshare -n`` (only ``lo`` up), so Ray can reach nothing
+but loopback, and it checks that every socket Ray listens on is a loopback address.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
+
+_INSIDE = "GAZSI_TEST_IN_NETNS"
+
+
+def test_ray_actor_in_private_netns() -> None:
+    if os.environ.get(_INSIDE) == "1":
+        pytest.skip("outer wrapper only")
+    if shutil.which("unshare") is None:
+        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
+            pytest.fail("unshare is missing; cannot isolate Ray's network")
+        pytest.skip("unshare not available to isolate Ray")
+    here = Path(__file__).resolve()
+    cmd = (f"ip link set lo up && {_INSIDE}=1 {sys.executable} -m pytest -q -p no:cacheprovider "
+           f"'{here}::test_actor_inside' -o addopts='' --timeout 200")
+    proc = subprocess.run(["unshare", "-n", "bash", "-c", cmd], capture_output=True, text=True, timeout=230,
+                          cwd=here.parents[3])
+    if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
+        pytest.skip("unshare -n not permitted here")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
+
+
+def test_actor_inside(tmp_path: Path) -> None:
+    if os.environ.get(_INSIDE) != "1":
+        pytest.skip("runs only inside the private network namespace (see test_ray_actor_in_private_netns)")
+    import asyncio
+    import ipaddress
+
+    import psutil
+    import ray
+
+    from control_plane.actor import ACTOR_NAME, NAMESPACE, get_or_create_control_plane
+    from edge_node.agent import EdgeAgent, RayLink, node_facts
+    from edge_node.engines.fake import FakeEngine
+    from edge_node.runtime import EdgeRuntime
+    from gazsi_cluster.config import load_settings
+
+    settings = load_settings(data_dir=str(tmp_path), control_plane={"join_token": "t0k"})
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
+             num_cpus=2, log_to_driver=False)
+    try:
+        handle = get_or_create_control_plane(settings)
+        assert ray.get(handle.ready.remote(), timeout=60)["nodes"] == 0
+        same = get_or_create_control_plane(settings)  # get, not create a second one
+        assert same._actor_id == handle._actor_id
+        assert ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)._actor_id == handle._actor_id
+
+        async def edge_side() -> None:
+            runtime = EdgeRuntime(settings, engine=FakeEngine())
+            agent = EdgeAgent(runtime, RayLink(handle), facts=node_facts(runtime, node_id="ray-edge",
+                                                                          advertise="127.0.0.1", port=9000))
+            await agent.beat()
+            await agent.beat()
+            assert "ray-edge" in agent.table.by_id
+
+        asyncio.run(edge_side())
+        nodes = ray.get(handle.list_nodes.remote())
+        assert [(n["node_id"], n["state"]) for n in nodes] == [("ray-edge", "healthy")]
+        with pytest.raises(ray.exceptions.RayTaskError, match="invalid join token"):
+            ray.get(handle.join.remote({"address": "x", "port": 1, "engine_backend": "f", "models": ["m"],
+                                        "max_batch_size": 1, "version": "v"}, "wrong"))
+        # Ray must listen on loopback only.
+        listening = {c.laddr.ip for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        assert listening, "no listening sockets found"
+        def loopback(ip: str) -> bool:
+            addr = ipaddress.ip_address(ip)
+            mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+            return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+
+        assert all(loopback(ip) for ip in listening), f"Ray listens beyond loopback: {listening}"
+        ray.kill(handle)
+    finally:
+        ray.shutdown()
