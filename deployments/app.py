@@ -26,5 +26,7 @@ def build_app(args: dict[str, Any]) -> Application:
     overrides: dict[str, Any] = dict(args.get("settings") or {})
     # Validate now: a bad override fails `serve deploy` at once instead of crash-looping replicas.
     replica_settings(profile, overrides)
-    edge = EdgeDeployment.bind(profile, overrides)
-    return GatewayDeployment.bind(edge, profile, overrides)
+    # @serve.deployment turns the classes into Deployments at run time; mypy sees the classes.
+    edge = EdgeDeployment.bind(profile, overrides)  # type: ignore[attr-defined]
+    app: Application = GatewayDeployment.bind(edge, profile, overrides)  # type: ignore[attr-defined]
+    return app

@@ -16,9 +16,12 @@ from ray import serve
 from deployments._settings import apply_user_config, replica_settings
 from edge_node.agent import EdgeAgent, RayLink, node_facts
 from edge_node.dataplane.socket.app import create_app
+from edge_node.forwarding import PeerForwarding
 from edge_node.runtime import EdgeRuntime
 from gazsi_cluster.auth.factory import build_authorizer
+from gazsi_cluster.http.hardening import listener_options
 from gazsi_cluster.http.server import start_server
+from gazsi_cluster.routing import RoutingClient, RoutingTable, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +31,16 @@ def _advertised_host(bind_host: str) -> str:
         return bind_host
     import ray
 
-    return str(ray.util.get_node_ip_address())
+    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
 
 
 @serve.deployment(name="Edge", max_ongoing_requests=256, health_check_period_s=2, health_check_timeout_s=10,
                   graceful_shutdown_timeout_s=20)
 class EdgeDeployment:
-    async def __init__(self, profile: str = "cpu", overrides: dict[str, Any] | None = None) -> None:
+    # Serve awaits async constructors (replica.py: initialize_callable); mypy does not know that.
+    async def __init__(  # type: ignore[misc]
+        self, profile: str = "cpu", overrides: dict[str, Any] | None = None
+    ) -> None:
         from control_plane import get_or_create_control_plane
 
         self.settings = replica_settings(profile, overrides)
@@ -42,7 +48,9 @@ class EdgeDeployment:
         self.runtime = EdgeRuntime(self.settings, authorizer=authorizer)
         await self.runtime.start(wait=True)
         self.listener = await start_server(
-            create_app(self.runtime, manage_lifespan=False), self.settings.edge.host, self.settings.edge.port
+            create_app(self.runtime, manage_lifespan=False), self.settings.edge.host, self.settings.edge.port,
+            # Issue 9: header/time/connection limits; no TLS here, the gateway reaches replicas over http.
+            **listener_options(self.settings.limits),
         )
         port = self.listener.port
         facts = node_facts(self.runtime, advertise=_advertised_host(self.settings.edge.host), port=port)
@@ -73,12 +81,15 @@ class EdgeDeployment:
             raise RuntimeError("edge HTTP server stopped")
 
     async def info(self) -> dict[str, Any]:
-        return {"url": self.url, "node_id": self.agent.node_id, **self.runtime.readiness()}
+        node_id = self.agent.node_id if self.agent else None
+        return {"url": self.url, "node_id": node_id, **self.runtime.readiness()}
 
     async def __del__(self) -> None:
         # Graceful shutdown: leave the routing tables first, then finish in-flight work.
-        with contextlib.suppress(Exception):
-            await self.agent.stop(say_goodbye=True)
+        if self.agent is not None:
+            with contextlib.suppress(Exception):
+                await self.agent.stop(say_goodbye=True)
         self.runtime.draining = True
         await self.listener.stop()
+        await self.peers.aclose()
         await self.runtime.stop()

@@ -18,6 +18,7 @@ from edge_node.agent import RayLink
 from gazsi_cluster.auth import AllowAll, Authorizer
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.gateway import Gateway, create_gateway_app
+from gazsi_cluster.http.hardening import listener_options
 from gazsi_cluster.http.server import RunningServer, start_server
 from gazsi_cluster.routing import TableFollower
 
@@ -27,7 +28,10 @@ log = logging.getLogger(__name__)
 @serve.deployment(name="Gateway", max_ongoing_requests=512, health_check_period_s=2, graceful_shutdown_timeout_s=20)
 @serve.ingress()
 class GatewayDeployment:
-    async def __init__(self, edge: Any = None, profile: str = "cpu", overrides: dict[str, Any] | None = None) -> None:
+    # Serve awaits async constructors (replica.py: initialize_callable); mypy does not know that.
+    async def __init__(  # type: ignore[misc]
+        self, edge: Any = None, profile: str = "cpu", overrides: dict[str, Any] | None = None
+    ) -> None:
         from control_plane import get_or_create_control_plane
 
         # `edge` is the Edge deployment's handle: binding it makes Serve deploy the edges with
@@ -51,7 +55,7 @@ class GatewayDeployment:
         if self.settings.gateway.port:
             self.listener = await start_server(
                 create_gateway_app(self.gateway), self.settings.gateway.host, self.settings.gateway.port,
-                reuse_port=True,
+                reuse_port=True, **listener_options(self.settings.limits, self.settings.gateway.tls),
             )
             log.info("gateway direct listener on %s:%d", self.settings.gateway.host, self.listener.port)
 
