@@ -47,14 +47,23 @@ class EdgeDeployment:
         authorizer = build_authorizer(self.settings) if self.settings.auth.enabled else None
         self.runtime = EdgeRuntime(self.settings, authorizer=authorizer)
         await self.runtime.start(wait=True)
+        link = RayLink(get_or_create_control_plane(self.settings))
+        # The agent exists before the listener so the peer-forwarding layer can read its table;
+        # it joins (with the listener's real port) once the listener is up.
+        self.agent: EdgeAgent | None = None
+        self.peers = RoutingClient(lambda: self.agent.table if self.agent else RoutingTable.empty(),
+                                   make_policy(self.settings.control_plane.routing_policy))
+        app = PeerForwarding(
+            create_app(self.runtime, manage_lifespan=False), lambda: self.peers,
+            lambda: self.agent.node_id if self.agent else None,
+        )
         self.listener = await start_server(
-            create_app(self.runtime, manage_lifespan=False), self.settings.edge.host, self.settings.edge.port,
-            # Issue 9: header/time/connection limits; no TLS here, the gateway reaches replicas over http.
+            app, self.settings.edge.host, self.settings.edge.port,
+            # Header/time/connection limits; no TLS here, the gateway reaches replicas over http.
             **listener_options(self.settings.limits),
         )
         port = self.listener.port
         facts = node_facts(self.runtime, advertise=_advertised_host(self.settings.edge.host), port=port)
-        link = RayLink(get_or_create_control_plane(self.settings))
         self.agent = EdgeAgent(self.runtime, link, facts=facts)
         await self.agent.start()
         self.url = f"http://{facts.address}:{port}"

@@ -18,9 +18,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import httpx
-
 from gazsi_cluster.errors import NoHealthyNode
+from gazsi_cluster.routing._transport import AiohttpSender, HttpxSender, Response, Sender, SendError
 from gazsi_cluster.routing.metrics import RoutingMetrics
 from gazsi_cluster.routing.policies import RouteRequest, RoutingPolicy
 from gazsi_cluster.routing.table import NodeEntry, RoutingTable
@@ -58,12 +57,12 @@ class RetryBudget:
 class _Failed(Exception):
     """One attempt failed in a way another node may not (connect error, timeout, 503)."""
 
-    def __init__(self, node: NodeEntry, reason: str, response: httpx.Response | None = None) -> None:
+    def __init__(self, node: NodeEntry, reason: str, response: Response | None = None) -> None:
         super().__init__(reason)
         self.node, self.reason, self.response = node, reason, response
 
 
-def _retryable_status(resp: httpx.Response) -> bool:
+def _retryable_status(resp: Response) -> bool:
     if resp.status_code in (502, 503, 504):
         return True
     if resp.status_code == 429:
@@ -85,7 +84,7 @@ class RoutingClient:
         table: Callable[[], RoutingTable],
         policy: RoutingPolicy,
         *,
-        http: httpx.AsyncClient | None = None,
+        http: Any | None = None,
         attempts: int = 3,
         timeout_s: float = 10.0,
         connect_timeout_s: float = 0.5,
@@ -97,10 +96,10 @@ class RoutingClient:
     ) -> None:
         self._table = table
         self.policy = policy
-        self._own_http = http is None
-        self.http = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        # ``http``: an httpx.AsyncClient to send through (tests); default aiohttp (see _transport).
+        self.sender: Sender = (
+            HttpxSender(http) if http is not None
+            else AiohttpSender(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
         )
         self.attempts = attempts
         self.hedge = hedge
@@ -114,8 +113,7 @@ class RoutingClient:
         self._since_p95 = 0
 
     async def aclose(self) -> None:
-        if self._own_http:
-            await self.http.aclose()
+        await self.sender.aclose()
 
     # -- state ---------------------------------------------------------------------------------
     def quarantined(self) -> set[str]:
@@ -153,14 +151,14 @@ class RoutingClient:
         return node
 
     # -- requests ------------------------------------------------------------------------------
-    async def _attempt(self, node: NodeEntry, method: str, path: str, kwargs: Mapping[str, Any]) -> httpx.Response:
+    async def _attempt(self, node: NodeEntry, method: str, path: str, kwargs: Mapping[str, Any]) -> Response:
         self.policy.on_start(node.node_id)
         started = time.perf_counter()
         ok = False
         try:
-            resp = await self.http.request(method, node.url.rstrip("/") + path, **kwargs)
-        except (httpx.TransportError, OSError) as exc:
-            raise _Failed(node, f"{type(exc).__name__}: {exc}") from exc
+            resp = await self.sender.send(method, node.url.rstrip("/") + path, **kwargs)
+        except SendError as exc:
+            raise _Failed(node, str(exc)) from exc
         finally:
             elapsed = time.perf_counter() - started
         try:
@@ -183,15 +181,15 @@ class RoutingClient:
         zone: str | None = None,
         exclude: Iterable[str] = (),
         **kwargs: Any,
-    ) -> httpx.Response:
-        """Send ``method path`` (httpx keyword arguments in ``kwargs``) with failover.
+    ) -> Response:
+        """Send ``method path`` (``content``/``json``/``params``/``headers`` in ``kwargs``) with failover.
 
         Returns the first good response, or the last node's error response when every try
         answered 503/overloaded; raises :class:`NoHealthyNode` when no node could be reached.
         """
         self.budget.deposit()
         tried: set[str] = set(exclude)
-        tasks: dict[asyncio.Task[httpx.Response], NodeEntry] = {}
+        tasks: dict[asyncio.Task[Response], NodeEntry] = {}
         launched = 0
         hedged = False
         last: _Failed | None = None
