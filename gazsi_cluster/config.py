@@ -28,6 +28,7 @@ __all__ = [
     "GatewayConfig",
     "LimitsConfig",
     "Settings",
+    "TLSConfig",
     "load_settings",
 ]
 
@@ -80,6 +81,23 @@ class LimitsConfig(_Section):
     max_input_chars: int = Field(100_000, ge=1, description="Characters per input before truncation.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body size; more gets 413.")
     retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with 429 for a full queue.")
+    # Added for issue 9 (hostile input): enforced by the listener's protocol, before any app work.
+    max_header_bytes: int = Field(
+        16_384, ge=1024, le=1_048_576, description="Request line + headers of one request; more gets 431."
+    )
+    max_headers: int = Field(100, ge=8, le=10_000, description="Header fields of one request; more gets 431.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request's headers must arrive within this (slowloris); else 408 and close."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest silence while a request body is being received; then the connection closes."
+    )
+    keep_alive_timeout_s: float = Field(30.0, gt=0, description="Idle keep-alive connections close after this.")
+    max_connections_per_client: int = Field(
+        2048, ge=0,
+        description="Open connections one client address may hold (0 = no limit); more are answered 429 and "
+        "closed. Above the gateway's pool (1000) so a gateway is never cut off from an edge.",
+    )
 
 
 class AuthConfig(_Section):
@@ -111,6 +129,29 @@ class CacheConfig(_Section):
     )
 
 
+class TLSConfig(_Section):
+    """TLS of one public listener (issue 9); off unless ``certfile`` and ``keyfile`` are set."""
+
+    certfile: Path | None = Field(None, description="Server certificate chain (PEM); set with keyfile to serve HTTPS.")
+    keyfile: Path | None = Field(None, description="Private key of certfile (PEM).")
+    client_ca_file: Path | None = Field(
+        None, description="CA (PEM) whose client certificates are accepted (mTLS); unset = no client certificates."
+    )
+    require_client_cert: bool = Field(False, description="With client_ca_file: refuse clients without a certificate.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("tls.certfile and tls.keyfile must be set together")
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.client_ca_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+
 class EdgeConfig(_Section):
     host: str = Field("127.0.0.1", description="Bind address of the edge data plane.")
     port: int = Field(8000, ge=0, le=65535, description="Port of the edge data plane (0 = any free one).")
@@ -139,9 +180,20 @@ class EdgeConfig(_Section):
     ring_slot_tokens: int = Field(
         4096, ge=512, description="fast front: tokens one ring slot carries (bigger requests span several slots)."
     )
+    # Added for issue 8 round 2 (fast front performance); defaults are the measured winners.
+    ring_batcher: Literal["slots", "asyncio"] = Field(
+        "slots", description="fast front: 'slots' = the engine process batches whole ring slots in its own "
+        "threads (edge_node/dataplane/fast/slot_batcher.py); 'asyncio' = round 1's path through the Batcher "
+        "on the event loop. The response cache always takes the asyncio path.",
+    )
+    worker_tokenizer_threads: int = Field(
+        1, ge=0, le=256, description="fast front: Rust (rayon) threads each HTTP worker's tokenizer may use "
+        "for multi-input requests; 0 = the library default (one per core in every worker).",
+    )
     region: str = Field("local", description="Region this point of presence serves.")
     zone: str = Field("local-a", description="Zone inside the region.")
     timing_header: bool = Field(True, description="Honour X-Gazsi-Timing: 1 with a per-stage timing header.")
+    tls: TLSConfig = Field(default_factory=TLSConfig, description="HTTPS on the edge listener (issue 9).")
 
 
 class GatewayConfig(_Section):
@@ -150,6 +202,7 @@ class GatewayConfig(_Section):
         8080, ge=0, le=65535,
         description="Direct listener port (SO_REUSEPORT across replicas); 0 = Ray's proxy only.",
     )
+    tls: TLSConfig = Field(default_factory=TLSConfig, description="HTTPS on the direct listener (issue 9).")
 
 
 class ControlPlaneConfig(_Section):

@@ -5,6 +5,8 @@
     │   ├── PayloadTooLarge          413
     │   ├── TooManyInputs            400
     │   ├── InputTooLong             400
+    │   ├── HeadersTooLarge          431  header section too big or too many fields
+    │   ├── RequestTimeout           408  headers not received in time (slowloris)
     │   └── UnknownModel             404  (OpenAI answers model_not_found with 404)
     ├── NotFound                     404
     │   └── UnknownNode              404  heartbeat from a node the control plane does not know
@@ -14,6 +16,7 @@
     ├── RateLimited                  429  + Retry-After (per-key limits and quotas)
     │   └── QuotaExceeded            429  monthly token quota used up (code insufficient_quota)
     ├── Overloaded                   429  + Retry-After (admission queue full)
+    │   └── TooManyConnections       429  one client address holds too many connections
     ├── DeadlineExceeded             504  request deadline passed before its batch ran
     ├── ServiceUnavailable           503  not ready, draining, dependency down
     │   └── NoHealthyNode            503
@@ -38,6 +41,7 @@ __all__ = [
     "DeadlineExceeded",
     "EngineError",
     "GazsiError",
+    "HeadersTooLarge",
     "InputTooLong",
     "InvalidRequest",
     "NoHealthyNode",
@@ -47,7 +51,9 @@ __all__ = [
     "PermissionDenied",
     "QuotaExceeded",
     "RateLimited",
+    "RequestTimeout",
     "ServiceUnavailable",
+    "TooManyConnections",
     "TooManyInputs",
     "UnknownModel",
     "UnknownNode",
@@ -93,6 +99,16 @@ class TooManyInputs(InvalidRequest):
 
 class InputTooLong(InvalidRequest):
     code = "input_too_long"
+
+
+class HeadersTooLarge(InvalidRequest):
+    status = 431
+    code = "request_header_fields_too_large"
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
+    code = "request_timeout"
 
 
 class UnknownModel(InvalidRequest):
@@ -161,6 +177,10 @@ class Overloaded(_RetryableError):
     status = 429
     error_type = "server_overloaded"
     code = "overloaded"
+
+
+class TooManyConnections(Overloaded):
+    code = "too_many_connections"
 
 
 class ServiceUnavailable(_RetryableError):

@@ -68,11 +68,16 @@ def _serve(args: argparse.Namespace) -> int:
         from edge_node.dataplane.gpu.server import serve_gpu
 
         return serve_gpu(settings, runtime)
+    from gazsi_cluster.http.hardening import listener_options
+
     app = create_app(runtime)
-    print(f"gazsi edge: serving on http://{settings.edge.host}:{settings.edge.port} (model loads in the background)")
+    # Issue 9: header size/count, slowloris and per-address limits in the protocol; TLS when configured.
+    options = listener_options(settings.limits, settings.edge.tls)
+    scheme = "https" if settings.edge.tls.enabled else "http"
+    print(f"gazsi edge: serving on {scheme}://{settings.edge.host}:{settings.edge.port} (model loads in the background)")
     uvicorn.run(
         app, host=settings.edge.host, port=settings.edge.port, log_level=settings.log_level,
-        access_log=False, timeout_keep_alive=30,
+        access_log=False, **options,
     )
     return 0
 

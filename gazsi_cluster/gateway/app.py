@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from gazsi_cluster import __version__
 from gazsi_cluster.auth.admin_api import build_admin_router
-from gazsi_cluster.errors import InvalidRequest
+from gazsi_cluster.errors import InvalidRequest, UnknownModel
 from gazsi_cluster.gateway.core import Gateway
 from gazsi_cluster.http.errors import install_error_handlers
 from gazsi_cluster.http.middleware import BodyLimitMiddleware, TimingMiddleware
@@ -72,6 +72,11 @@ def create_gateway_app(
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         if body.dimensions is not None and body.dimensions < 1:
             raise InvalidRequest("dimensions must be a positive integer", param="dimensions")
+        table = gateway.table()
+        if table.candidates() and not table.candidates(body.model):
+            # Found by the schemathesis pass (issue 9): a model no edge serves is the client's
+            # mistake (404, as on an edge), not a 503 "no healthy node" inviting retries.
+            raise UnknownModel(f"The model `{body.model}` does not exist.", param="model")
         raw = await request.body()
         affinity = raw if gateway.policy.name == "hash" else None
         return relay(*await gateway.forward(
@@ -104,6 +109,9 @@ def create_gateway_app(
         authorization: Annotated[str | None, Header()] = None,
     ) -> Response:
         await gateway.authorizer.authorize(authorization, model=model)
+        table = gateway.table()
+        if model is not None and table.candidates() and not table.candidates(model):
+            raise UnknownModel(f"The model `{model}` does not exist.", param="model")
         req = RouteRequest(
             model=model, region=region or request.headers.get("x-gazsi-region"),
             zone=zone or request.headers.get("x-gazsi-zone"),

@@ -237,7 +237,9 @@ class RoutingClient:
                     await task
         if last is not None and last.response is not None:
             return last.response
+        # The reason names the node's address: it goes to the log and context, never to the client (issue 9).
+        reason = last.reason if last else "none"
+        log.warning("no node answered after %d attempt(s): %s", launched, reason)
         raise NoHealthyNode(
-            f"no node answered after {launched} attempt(s): {last.reason if last else 'none'}",
-            retry_after=1.0, model=model,
+            f"no node answered after {launched} attempt(s)", retry_after=1.0, model=model, reason=reason,
         )
