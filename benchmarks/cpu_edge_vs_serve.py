@@ -94,7 +94,7 @@ def main() -> None:
           flush=True)
     vanilla = run_vanilla_serve(args)
     ratio = edge["throughput_rps"] / max(vanilla["throughput_rps"], 1e-9)
-    print(f"\n| system | req/s | p50 ms | p95 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
+    print("\n| system | req/s | p50 ms | p95 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
     for name, r in (("GAZSI edge node", edge), ("vanilla Ray Serve", vanilla)):
         mb = f"{r['mean_batch_size']:.1f}" if r["mean_batch_size"] else "n/a"
         print(f"| {name} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {mb} |")

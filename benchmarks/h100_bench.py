@@ -161,8 +161,10 @@ class System:
     """A server under test: how to start it, where to send load, how to read its batch sizes."""
 
     def __init__(self, name: str, cmd: list[str], url: str, ready_url: str, batch_url: str | None,
-                 kinds: list[str], env: dict[str, str] | None = None, ready_s: float = 120.0) -> None:
+                 kinds: list[str], env: dict[str, str] | None = None, ready_s: float = 120.0,
+                 paced: bool = True) -> None:
         self.name, self.cmd, self.url, self.ready_url = name, cmd, url, ready_url
+        self.paced = paced  # False: saturation only (A/B variants, to save device time)
         self.batch_url, self.kinds, self.env, self.ready_s = batch_url, kinds, env, ready_s
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -250,7 +252,7 @@ def bench_system(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) 
         main_kind = "single" if "single" in system.kinds else system.kinds[0]
         top = sat[main_kind]["rps"]
         res["latency"] = {}
-        for frac in (0.1, 0.5, 0.9):
+        for frac in (0.1, 0.5, 0.9) if system.paced else ():
             conns, delay = paced(top * frac)
             r = measure(system, wrk, main_kind, conns, args.duration, delay)
             r["target_rps"] = top * frac
@@ -309,7 +311,7 @@ def profile(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) -> di
 
 # -- main -------------------------------------------------------------------------------------
 def our_config(path: Path, model_dir: Path, port: int, workers: int, dataplane: str = "socket",
-               backend: str = "torch-cuda") -> Path:
+               backend: str = "torch-cuda", **edge_extra: Any) -> Path:
     import yaml
 
     cfg = {
@@ -321,7 +323,7 @@ def our_config(path: Path, model_dir: Path, port: int, workers: int, dataplane: 
         "auth": {"enabled": False},
         "cache": {"enabled": False},  # repeated sentences must not be served from the cache
         "edge": {"host": "127.0.0.1", "port": port, "workers": workers, "dataplane": dataplane,
-                 "ring_slots_per_worker": 256, "admin_port": port + 1, "api_port": port + 1},
+                 "ring_slots_per_worker": 256, "admin_port": port + 1, "api_port": port + 1, **edge_extra},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -372,6 +374,19 @@ def main() -> int:
         systems.append(System("edge-fast", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8100",
                               "http://127.0.0.1:8101/readyz", "http://127.0.0.1:8101/metrics",
                               ["single", "batch32", "long", "inference"]))
+    # Round 2 A/B (saturation only): round 1's engine path (asyncio Batcher, rayon threads left at
+    # the library default in every worker), and the new slot batcher with rayon left at the default.
+    if "edge-fast-r1" in wanted:
+        cfg = our_config(out / "cfg_fast_r1.yaml", model_dir, 8500, args.workers, backend=args.backend,
+                         ring_batcher="asyncio", worker_tokenizer_threads=0)
+        systems.append(System("edge-fast-r1", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8500",
+                              "http://127.0.0.1:8501/readyz", "http://127.0.0.1:8501/metrics",
+                              ["single", "batch32"], paced=False))
+    if "edge-fast-tok0" in wanted:
+        cfg = our_config(out / "cfg_fast_tok0.yaml", model_dir, 8600, args.workers, backend=args.backend,
+                         worker_tokenizer_threads=0)
+        systems.append(System("edge-fast-tok0", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8600",
+                              "http://127.0.0.1:8601/readyz", "http://127.0.0.1:8601/metrics", ["batch32"], paced=False))
     if "edge-socket" in wanted:
         cfg = our_config(out / "cfg_socket.yaml", model_dir, 8200, 0, backend=args.backend)
         systems.append(System("edge-socket", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8200",

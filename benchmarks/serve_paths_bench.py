@@ -59,7 +59,10 @@ def main() -> None:
     key = re.search(r"admin key \(shown once, stored hashed\): (gz_\w+)", up.stdout).group(1)  # type: ignore[union-attr]
     rows = []
     try:
-        edge = httpx.get(f"http://127.0.0.1:{gw}/v1/route", headers={"Authorization": f"Bearer {key}"}).json()["url"]
+        route = httpx.get(f"http://127.0.0.1:{gw}/v1/route", headers={"Authorization": f"Bearer {key}"})
+        if route.status_code != 200:
+            raise SystemExit(f"/v1/route answered {route.status_code}: {route.text}")
+        edge = route.json()["url"]
         rows.append(bench("gateway via Ray Serve proxy", f"http://127.0.0.1:{proxy}", key, args))
         rows.append(bench("gateway direct listener", f"http://127.0.0.1:{gw}", key, args))
         rows.append(bench("edge directly (CDN path)", edge, key, args))

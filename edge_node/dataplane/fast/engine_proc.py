@@ -31,6 +31,7 @@ from edge_node.dataplane.fast.ring import (
     pack_indices,
     unpack_indices,
 )
+from edge_node.dataplane.fast.slot_batcher import SlotBatcher
 from edge_node.runtime import EdgeRuntime
 from edge_node.service import EmbedOutcome, Timing
 from gazsi_cluster.config import Settings
@@ -51,6 +52,7 @@ class RingServer:
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.slot_batcher: SlotBatcher | None = None
         self.served = 0
 
     async def run(self) -> None:
@@ -64,6 +66,9 @@ class RingServer:
         self.ring.set_created(runtime.created)
         self.ring.set_state(ENGINE_UP, generation=self.generation, pid=os.getpid())
         self._loop = asyncio.get_running_loop()
+        if self._use_slots():
+            await self._run_slots()
+            return
         os.set_blocking(self.req_fd, False)
         self._loop.add_reader(self.req_fd, self._on_requests)
         try:
@@ -72,6 +77,26 @@ class RingServer:
             self._loop.remove_reader(self.req_fd)
             for task in list(self._tasks):
                 task.cancel()
+
+    def _use_slots(self) -> bool:
+        """Round 2's slot batcher, unless configured off or the response cache needs the async path."""
+        runtime = self.runtime
+        return (runtime.settings.edge.ring_batcher == "slots" and runtime.response_cache is None
+                and runtime.engine is not None)
+
+    async def _run_slots(self) -> None:
+        runtime = self.runtime
+        engine = runtime.engine
+        assert engine is not None
+        batcher = SlotBatcher(self.ring, engine.embed, runtime.settings.batcher,
+                              max_seq_len=runtime.service.tokenizer.max_seq_len, req_fd=self.req_fd,
+                              resp_fds=self.resp_fds, generation=self.generation, observer=runtime.metrics)
+        self.slot_batcher = batcher
+        batcher.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.to_thread(batcher.stop)
 
     def _on_requests(self) -> None:
         try:

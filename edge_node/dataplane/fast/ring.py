@@ -26,6 +26,13 @@ __all__ = [
     "ENGINE_FAILED",
     "ENGINE_LOADING",
     "ENGINE_UP",
+    "M_T_FORMED",
+    "M_T_INFER0",
+    "M_T_INFER1",
+    "M_T_READ",
+    "M_T_REPLY",
+    "M_T_SUBMIT",
+    "M_T_WOKEN",
     "RingLayout",
     "SlotRing",
     "pack_indices",
@@ -41,7 +48,11 @@ _H_STATE, _H_GEN, _H_PID, _H_CREATED = 0, 1, 2, 3
 _HEADER_WORDS = 16
 # Slot meta words (int64).
 M_GEN, M_INPUTS, M_TOKENS, M_STATUS, M_BATCH, M_INFER_US, M_CACHE, M_RETRY_MS = range(8)
-_META_WORDS = 8
+# Per-stage timestamps (time.monotonic_ns, one clock for every process on the host), written by
+# whoever owns the slot at that stage: worker submit -> engine read -> batch formed -> inference
+# start/end -> reply written -> worker woken. benchmarks/fast_stages.py reads them (issue 8, round 2).
+M_T_SUBMIT, M_T_READ, M_T_FORMED, M_T_INFER0, M_T_INFER1, M_T_REPLY, M_T_WOKEN = range(8, 15)
+_META_WORDS = 16
 _MSG_BYTES = 512  # error message + class name of a failed slot
 
 CACHE_NAMES = {0: None, 1: "hit", 2: "miss", 3: "partial"}
