@@ -108,6 +108,7 @@ class RoutingClient:
         self.budget = budget or RetryBudget()
         self.metrics = metrics
         self._down: dict[str, float] = {}
+        self._last_nonempty: RoutingTable | None = None
         self._latencies: deque[float] = deque(maxlen=512)
         self._p95 = 0.05
         self._since_p95 = 0
@@ -135,8 +136,20 @@ class RoutingClient:
             self._p95 = ordered[int(0.95 * (len(ordered) - 1))]
 
     def pick(self, req: RouteRequest) -> NodeEntry:
-        """One routing decision (no I/O), skipping locally quarantined nodes when others remain."""
+        """One routing decision (no I/O), skipping locally quarantined nodes when others remain.
+
+        When the table has no node at all, the last table that had one is used: a lone edge
+        whose heartbeat ran late under load (suspect, so out of the table for a moment) still
+        serves, and a control plane that is restarting does not stop traffic. A node that is
+        really gone fails to connect and is quarantined like any other.
+        """
         table = self._table()
+        if len(table):
+            self._last_nonempty = table
+        elif self._last_nonempty is not None:
+            table = self._last_nonempty
+            if self.metrics is not None:
+                self.metrics.stale_table.inc()
         down = self.quarantined()
         if down:
             try:

@@ -16,6 +16,9 @@ class RoutingMetrics:
         self.decisions = Counter("gazsi_routing_decisions", "Routing decisions by policy", ["policy"], registry=r)
         self.retries = Counter("gazsi_routing_retries", "Requests retried on another node", registry=r)
         self.hedges = Counter("gazsi_routing_hedges", "Hedged second copies sent", registry=r)
+        self.stale_table = Counter(
+            "gazsi_routing_stale_table", "Decisions made on the last non-empty table (current one empty)", registry=r
+        )
         self.failures = Counter(
             "gazsi_routing_attempt_failures", "Failed attempts by reason", ["reason"], registry=r
         )

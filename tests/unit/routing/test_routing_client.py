@@ -97,3 +97,24 @@ async def test_hedge_goes_to_second_node_and_loser_is_cancelled() -> None:
     assert resp.json()["host"] != slow
     await asyncio.wait_for(cancelled.wait(), 1)
     assert c.metrics is not None and c.metrics.hedges._value.get() == 1
+
+
+async def test_empty_table_falls_back_to_the_last_nonempty_one() -> None:
+    tables = [TABLE]
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"ok": req.url.host})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    c = RoutingClient(lambda: tables[-1], make_policy("p2c", seed=0), http=http, metrics=RoutingMetrics())
+    assert (await c.request("GET", "/x")).status_code == 200
+    tables.append(RoutingTable(2, 2, ()))  # every node left the table (late heartbeats, restart)
+    assert (await c.request("GET", "/x")).status_code == 200
+    assert c.metrics is not None and c.metrics.stale_table._value.get() == 1
+
+
+async def test_empty_table_from_the_start_is_no_healthy_node() -> None:
+    c = RoutingClient(lambda: RoutingTable.empty(), make_policy("p2c", seed=0),
+                      http=httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200))))
+    with pytest.raises(NoHealthyNode):
+        await c.request("GET", "/x")
