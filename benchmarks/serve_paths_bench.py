@@ -56,7 +56,7 @@ def main() -> None:
                         capture_output=True, text=True, env=env, timeout=900)
     if up.returncode != 0:
         raise SystemExit(up.stdout + up.stderr)
-    key = re.search(r"admin key \(shown once, stored hashed\): (gz_\w+)", up.stdout).group(1)  # type: ignore[union-attr]
+    key = re.search(r"admin key \(shown once, stored hashed\): (gz_[A-Za-z0-9_-]+)", up.stdout).group(1)  # type: ignore[union-attr]
     rows = []
     try:
         route = httpx.get(f"http://127.0.0.1:{gw}/v1/route", headers={"Authorization": f"Bearer {key}"})

@@ -34,7 +34,7 @@ def main() -> None:
                         capture_output=True, text=True, env=env, timeout=500)
     result: dict = {"up_rc": up.returncode, "up_out": up.stdout[-3000:], "up_err": up.stderr[-3000:]}
     try:
-        found = re.search(r"admin key \(shown once, stored hashed\): (gz_\w+)", up.stdout)
+        found = re.search(r"admin key \(shown once, stored hashed\): (gz_[A-Za-z0-9_-]+)", up.stdout)
         result["admin_key_shown"] = bool(found)
         if found:
             key = found.group(1)
