@@ -146,6 +146,11 @@ class EdgeRuntime:
         if engine is not None:
             detail["engine"] = {"backend": engine.info.backend, "device": engine.info.device,
                                 "healthy": engine.healthy()}
+        if self._service is not None:
+            # The live batching rules, so an operator can see a `user_config` change take effect.
+            cfg = self._service.batcher.config
+            detail["batcher"] = {"max_batch_size": cfg.max_batch_size, "max_wait_us": cfg.max_wait_us,
+                                 "queue_capacity": cfg.queue_capacity}
         if self.load_error is not None:
             detail["error"] = "engine failed to load; see the node's log"
         auth_status = getattr(self.authorizer, "status", None)

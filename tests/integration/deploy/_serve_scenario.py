@@ -81,11 +81,14 @@ async def create_key(data_dir: Path) -> str:
         await store.close()
 
 
-async def load_while_killing(gateway: str, key: str, kill) -> dict:
-    """Closed-loop load through the gateway; one edge is killed a few seconds in."""
+async def load_while(gateway: str, key: str, action, *, seconds: float, check_edges: bool) -> dict:
+    """Closed-loop load through the gateway; ``action`` runs (in a thread) a few seconds in.
+
+    With ``check_edges`` it then measures how long until the gateway routes to one edge only.
+    """
     ok = failed = 0
     errors: list[str] = []
-    stop_at = time.monotonic() + 14
+    stop_at = time.monotonic() + seconds
     async with httpx.AsyncClient(base_url=gateway, timeout=30, headers={"Authorization": f"Bearer {key}"}) as c:
 
         async def worker(i: int) -> None:
@@ -100,19 +103,20 @@ async def load_while_killing(gateway: str, key: str, kill) -> dict:
                     failed += 1
                     errors.append(f"{r.status_code}: {r.text[:200]}")
 
-        async def killer() -> tuple[float, float | None]:
+        async def actor() -> float | None:
             await asyncio.sleep(3)
-            killed_at = time.monotonic()
-            await asyncio.to_thread(kill)
+            started = time.monotonic()
+            await asyncio.to_thread(action)
+            if not check_edges:
+                return None
             while time.monotonic() < stop_at + 10:
-                edges = (await c.get("/readyz")).json()["edges"]
-                if edges == 1:
-                    return killed_at, time.monotonic() - killed_at
+                if (await c.get("/readyz")).json()["edges"] == 1:
+                    return time.monotonic() - started
                 await asyncio.sleep(0.1)
-            return killed_at, None
+            return None
 
-        results = await asyncio.gather(killer(), *[worker(i) for i in range(4)])
-    return {"ok": ok, "failed": failed, "errors": errors[:5], "left_table_after_s": results[0][1]}
+        results = await asyncio.gather(actor(), *[worker(i) for i in range(4)])
+    return {"ok": ok, "failed": failed, "errors": errors[:5], "left_table_after_s": results[0]}
 
 
 def main() -> None:
@@ -151,14 +155,33 @@ def main() -> None:
         ray.init(address="auto", namespace="serve", log_to_driver=False)
         from ray.util.state import list_actors
 
-        edges = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                 if "Edge" in (a.class_name or "") and a.name]
+        def edge_replicas() -> list:
+            return [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                    if "Edge" in (a.class_name or "") and a.name]
+
+        edges = edge_replicas()
         result["edge_replicas"] = len(edges)
+
+        # A changed user_config, deployed under load, applies in place: no replica restarts,
+        # no request lost, and the edges report the new batching rules.
+        new_config = serve_config(data_dir, proxy, gw)
+        for dep in new_config["applications"][0]["deployments"]:
+            if dep["name"] == "Edge":
+                dep["user_config"]["batcher"].update({"max_batch_size": 16, "max_wait_us": 1000})
+
+        def redeploy() -> None:
+            cfg.write_text(yaml.safe_dump(new_config))
+            sh(str(BIN / "serve"), "deploy", str(cfg), "--address", dashboard)
+            wait_running(dashboard, gateway, edges=2)
+
+        result["reconfigure_load"] = asyncio.run(load_while(gateway, key, redeploy, seconds=10, check_edges=False))
+        result["replicas_kept"] = sorted(a.name for a in edge_replicas()) == sorted(a.name for a in edges)
+        result["edge_batcher_after"] = httpx.get(f"{route['url']}/readyz", timeout=10).json().get("batcher")
 
         def kill() -> None:
             ray.kill(ray.get_actor(edges[0].name, namespace="serve"), no_restart=True)
 
-        result["load"] = asyncio.run(load_while_killing(gateway, key, kill))
+        result["load"] = asyncio.run(load_while(gateway, key, kill, seconds=14, check_edges=True))
     finally:
         subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", dashboard], env=ENV,
                        capture_output=True, timeout=120)
