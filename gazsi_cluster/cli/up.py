@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import yaml
 from gazsi_cluster.config import Settings, load_settings
 from gazsi_cluster.errors import ConfigError, ServiceUnavailable
 
-__all__ = ["register"]
+__all__ = ["ray_temp_dir", "register", "stop_local_ray"]
 
 _STATE = "up-state.json"
 
@@ -56,6 +57,41 @@ def _bin(name: str) -> str:
     if not found:
         raise ConfigError(f"`{name}` not found next to {sys.executable} or on PATH: pip install 'ray[serve]'")
     return found
+
+
+def ray_temp_dir(data_dir: Path) -> str:
+    """The Ray temp dir of the head `up` starts: short (Ray's socket paths must stay < 108 bytes)
+    and unique per data directory, so `down` can find exactly the processes it started."""
+    import hashlib
+
+    return f"/tmp/gazsi-ray-{hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:10]}"
+
+
+def stop_local_ray(temp_dir: str, timeout_s: float = 15.0) -> int:
+    """Stop the Ray processes started with ``--temp-dir=temp_dir`` and their children.
+
+    Unlike ``ray stop``, which ends every Ray process on the machine, this leaves other Ray
+    clusters (a user's own, a neighbour's test) alone.
+    """
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(temp_dir in part for part in proc.info["cmdline"] or ()):
+                roots.append(proc)
+    procs: dict[int, psutil.Process] = {p.pid: p for p in roots}
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+    for proc in procs.values():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(procs)
 
 
 def _free_port() -> int:
@@ -132,10 +168,14 @@ def _up(args: argparse.Namespace) -> int:
         gcs_port, dash_port = _free_port(), _free_port()
         _say("starting a local Ray head (takes a few seconds)…")
         _run([_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--disable-usage-stats"], env=env)
+              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--disable-usage-stats",
+              f"--temp-dir={ray_temp_dir(settings.data_dir)}"], env=env)
         started_ray = True
         dashboard = f"http://127.0.0.1:{dash_port}"
-    state_path.write_text(json.dumps({"started_ray": started_ray, "dashboard": dashboard, "port": args.port}))
+    state_path.write_text(json.dumps({
+        "started_ray": started_ray, "dashboard": dashboard, "port": args.port,
+        "ray_temp_dir": ray_temp_dir(settings.data_dir) if started_ray else None,
+    }))
     config_path = settings.data_dir / f"serve-{profile}.yaml"
     config_path.write_text(yaml.safe_dump(_serve_config(settings, profile, args.port, args.config)))
     _say(f"deploying {config_path.name} (model load and warm-up take tens of seconds)…")
@@ -212,9 +252,9 @@ def _down(args: argparse.Namespace) -> int:
     dashboard = state.get("dashboard", "http://127.0.0.1:8265")
     _run([_bin("serve"), "shutdown", "-y", "--address", dashboard], check=False)
     _say("Serve applications shut down")
-    if state.get("started_ray"):
-        _run([_bin("ray"), "stop", "--force"], check=False)
-        _say("local Ray head stopped")
+    if state.get("started_ray") and state.get("ray_temp_dir"):
+        stopped = stop_local_ray(state["ray_temp_dir"])
+        _say(f"local Ray head stopped ({stopped} processes)")
     state_path.unlink(missing_ok=True)
     return 0
 

@@ -119,16 +119,33 @@ def test_batches_respect_count_and_token_caps() -> None:
         r.close()
 
 
+class _GatedEngine(FakeEngine):
+    """Blocks every batch until the test opens the gate: no timing assumptions under load."""
+
+    def __init__(self) -> None:
+        super().__init__(dimensions=8, max_seq_len=32)
+        self.gate = threading.Event()
+
+    def embed(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+        self.gate.wait(30)
+        return super().embed(input_ids, attention_mask)
+
+
 def test_admission_is_bounded_and_fails_fast() -> None:
-    r = Rig(engine=FakeEngine(dimensions=8, max_seq_len=32, delay_s=0.3), queue_capacity=2, max_batch_size=1)
+    engine = _GatedEngine()
+    r = Rig(engine=engine, queue_capacity=2, max_batch_size=1)
     try:
         r.sb.start()
         for slot in range(4):
             r.submit(slot, r.seqs(3))
-        got = r.replies(0, 4)
+        # The engine is blocked, so only refusals can come back: two of them, at once.
+        refused = r.replies(0, 2)
+        assert sorted(refused) == [2, 3]
+        engine.gate.set()
+        got = refused + r.replies(0, 2)
         assert sorted(got) == [0, 1, 2, 3]
         failed = [s for s in range(4) if int(r.ring.meta[s, M_STATUS]) == 2]
-        assert len(failed) == 2 and got[:2] == failed  # answered before the slow engine finished
+        assert failed == [2, 3]
         kind, _param, _msg, retry = r.ring.read_error(failed[0])
         assert kind == "Overloaded" and retry == 1.0
         # Admission was given back: a new slot is accepted again.

@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from gazsi_cluster.cli.up import ray_temp_dir, stop_local_ray
+
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, RAY_AUTH_MODE="token")
 
@@ -126,8 +128,9 @@ def main() -> None:
     data_dir = work / "data"
     gcs, dash, proxy, gw = free_port(), free_port(), free_port(), free_port()
     dashboard = f"http://127.0.0.1:{dash}"
+    temp_dir = ray_temp_dir(work)
     sh(str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=4",
-       "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats")
+       "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp_dir}")
     result: dict = {}
     try:
         cfg = work / "serve.yaml"
@@ -185,7 +188,8 @@ def main() -> None:
     finally:
         subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", dashboard], env=ENV,
                        capture_output=True, timeout=120)
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        ray.shutdown()
+        stop_local_ray(temp_dir)  # only this test's cluster, never a neighbour's
     print("RESULT:" + json.dumps(result), flush=True)
 
 
