@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,26 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gazsi_cluster.errors import InvalidRequest
+from gazsi_cluster.tls import private_key_pem, utc_now, write_private
 
 __all__ = ["ClusterCA", "IssuedCert", "node_id_from_cert"]
 
 _CA_DAYS = 3650
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # Create with 0600 from the start: no window where the key is world-readable.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +70,14 @@ class ClusterCA:
         cert = (
             x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=_CA_DAYS))
+            .not_valid_before(utc_now() - dt.timedelta(minutes=5))
+            .not_valid_after(utc_now() + dt.timedelta(days=_CA_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(key_path, _key_pem(key))
+        write_private(key_path, private_key_pem(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(key, cert, d)
 
@@ -104,8 +88,8 @@ class ClusterCA:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
             .issuer_name(self.cert.subject).public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=days))
+            .not_valid_before(utc_now() - dt.timedelta(minutes=5))
+            .not_valid_after(utc_now() + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
@@ -128,7 +112,7 @@ class ClusterCA:
                 raise InvalidRequest("csr must carry an EC (P-256) key", param="csr")
         else:
             key = ec.generate_private_key(ec.SECP256R1())
-            public, key_pem = key.public_key(), _key_pem(key)
+            public, key_pem = key.public_key(), private_key_pem(key)
         cert = self._sign(node_id, public, days=days, san=[x509.DNSName(node_id)],
                           usage=ExtendedKeyUsageOID.CLIENT_AUTH)
         return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), key_pem)
@@ -145,6 +129,6 @@ class ClusterCA:
         cert = self._sign("gazsi-control-plane", key.public_key(), days=days, san=san,
                           usage=ExtendedKeyUsageOID.SERVER_AUTH)
         cert_path, key_path = self.directory / "server.crt", self.directory / "server.key"
-        _write_private(key_path, _key_pem(key))
+        write_private(key_path, private_key_pem(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert_path, key_path

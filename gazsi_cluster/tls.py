@@ -32,23 +32,27 @@ __all__ = [
     "DeploymentCerts",
     "client_context",
     "create_deployment_certs",
+    "private_key_pem",
     "server_context",
+    "utc_now",
     "uvicorn_ssl_options",
+    "write_private",
 ]
 
 _CA_DAYS = 3650
 
 
-def _now() -> dt.datetime:
+def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """An unencrypted PKCS#8 PEM (written only through :func:`write_private`)."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     # 0600 from creation: no moment where a private key is readable by others.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -79,8 +83,8 @@ class CertAuthority:
         cert = (
             x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=days))
+            .not_valid_before(utc_now() - dt.timedelta(minutes=5))
+            .not_valid_after(utc_now() + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -106,8 +110,8 @@ class CertAuthority:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=days))
+            .not_valid_before(utc_now() - dt.timedelta(minutes=5))
+            .not_valid_after(utc_now() + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
@@ -117,7 +121,7 @@ class CertAuthority:
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+        return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
 
     @property
     def cert_pem(self) -> bytes:
@@ -155,7 +159,7 @@ def create_deployment_certs(
         ca = CertAuthority.load(ca_cert, ca_key)
     else:
         ca = CertAuthority.create()
-        _write_private(ca_key, _key_pem(ca.key))
+        write_private(ca_key, private_key_pem(ca.key))
         ca_cert.write_bytes(ca.cert_pem)
     server_cert, server_key = out / "server.crt", out / "server.key"
     if server_cert.exists() and not overwrite:
@@ -163,7 +167,7 @@ def create_deployment_certs(
     if not hosts:
         raise ConfigError("at least one host name or address is needed for the server certificate")
     cert_pem, key_pem = ca.issue(hosts[0], hosts=hosts, days=days)
-    _write_private(server_key, key_pem)
+    write_private(server_key, key_pem)
     server_cert.write_bytes(cert_pem)
     result = DeploymentCerts(ca_cert, ca_key, server_cert, server_key)
     for name in clients:
@@ -171,7 +175,7 @@ def create_deployment_certs(
             raise ConfigError(f"invalid client name {name!r}")
         c_pem, k_pem = ca.issue(name, client=True, days=days)
         c_path, k_path = out / f"{name}.crt", out / f"{name}.key"
-        _write_private(k_path, k_pem)
+        write_private(k_path, k_pem)
         c_path.write_bytes(c_pem)
         result.clients[name] = (c_path, k_path)
     return result
