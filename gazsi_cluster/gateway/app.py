@@ -133,7 +133,9 @@ def create_gateway_app(
         auth_status = getattr(gateway.authorizer, "status", None)
         if callable(auth_status):
             detail["auth"] = auth_status()
-        detail["ready"] = detail["edges"] > 0
+        # Ready while requests can be routed: a restarting control plane must not take every
+        # gateway out of a load balancer's rotation (routing goes on over the last table).
+        detail["ready"] = detail["routable_edges"] > 0
         return _json(detail, status=200 if detail["ready"] else 503)
 
     @app.get("/metrics", include_in_schema=False)

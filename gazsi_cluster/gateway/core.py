@@ -81,5 +81,8 @@ class Gateway:
         return list(seen) or [self.settings.engine.model]
 
     def status(self) -> dict[str, Any]:
-        nodes = self.table().candidates()
-        return {"edges": len(nodes), "table_version": self.table().version, "policy": self.policy.name}
+        """``edges``: in the current table; ``routable_edges``: what requests are routed over, which
+        stays the last non-empty table while the control plane restarts or a lone edge is late."""
+        table = self.table()
+        return {"edges": len(table.candidates()), "routable_edges": len(self.routing.routable_table()),
+                "table_version": table.version, "policy": self.policy.name}

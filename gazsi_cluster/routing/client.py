@@ -135,6 +135,14 @@ class RoutingClient:
             ordered = sorted(self._latencies)
             self._p95 = ordered[int(0.95 * (len(ordered) - 1))]
 
+    def routable_table(self) -> RoutingTable:
+        """The table decisions use: the current one, or the last non-empty one when it is empty."""
+        table = self._table()
+        if len(table):
+            self._last_nonempty = table
+            return table
+        return self._last_nonempty if self._last_nonempty is not None else table
+
     def pick(self, req: RouteRequest) -> NodeEntry:
         """One routing decision (no I/O), skipping locally quarantined nodes when others remain.
 
@@ -143,13 +151,9 @@ class RoutingClient:
         serves, and a control plane that is restarting does not stop traffic. A node that is
         really gone fails to connect and is quarantined like any other.
         """
-        table = self._table()
-        if len(table):
-            self._last_nonempty = table
-        elif self._last_nonempty is not None:
-            table = self._last_nonempty
-            if self.metrics is not None:
-                self.metrics.stale_table.inc()
+        table = self.routable_table()
+        if table is not self._table() and self.metrics is not None:
+            self.metrics.stale_table.inc()
         down = self.quarantined()
         if down:
             try:
