@@ -83,13 +83,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _authorizer(settings: Any) -> Any:
-    """The key-store authorizer when auth is on (built by the auth package), else allow-all."""
+    """The key-store authorizer when auth is on, allow-all only when the operator turned auth off."""
     from gazsi_cluster.auth import AllowAll
+    from gazsi_cluster.auth.factory import build_authorizer
 
     if not settings.auth.enabled:
-        return AllowAll()
-    try:
-        from gazsi_cluster.auth.factory import build_authorizer
-    except ImportError:
         return AllowAll()
     return build_authorizer(settings)
