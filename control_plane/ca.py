@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gazsi_cluster.errors import InvalidRequest
-from gazsi_cluster.tls import private_key_pem, utc_now, write_private
+from gazsi_cluster.tls import CertAuthority, private_key_pem, utc_now, write_private
 
 __all__ = ["ClusterCA", "IssuedCert", "node_id_from_cert"]
 
@@ -60,26 +60,13 @@ class ClusterCA:
         d = Path(data_dir) / "ca"
         key_path, cert_path = d / "ca.key", d / "ca.crt"
         if key_path.exists() and cert_path.exists():
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise ValueError(f"{key_path} is not an EC key")
-            return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()), d)
+            loaded = CertAuthority.load(cert_path, key_path)
+            return cls(loaded.key, loaded.cert, d)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        cert = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(utc_now() - dt.timedelta(minutes=5))
-            .not_valid_after(utc_now() + dt.timedelta(days=_CA_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        write_private(key_path, private_key_pem(key))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return cls(key, cert, d)
+        created = CertAuthority.create(name, days=_CA_DAYS)
+        write_private(key_path, private_key_pem(created.key))
+        cert_path.write_bytes(created.cert.public_bytes(serialization.Encoding.PEM))
+        return cls(created.key, created.cert, d)
 
     def _sign(self, subject_cn: str, public_key: ec.EllipticCurvePublicKey, *, days: int,
               san: list[x509.GeneralName], usage: x509.ObjectIdentifier) -> x509.Certificate:
