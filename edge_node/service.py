@@ -184,6 +184,10 @@ class EmbeddingService:
         texts, ids = normalise_input(raw_input)
         seqs = await self.tokenize(texts, ids)
         timing.tokenized = time.perf_counter()
+        return await self.embed_cached(seqs, timing, use_cache=use_cache)
+
+    async def embed_cached(self, seqs: list[np.ndarray], timing: Timing, *, use_cache: bool = True) -> EmbedOutcome:
+        """Tokenised inputs through the response cache (when configured), the rest through the batcher."""
         if self.cache is None:
             return await self.embed_tokens(seqs, timing)
 

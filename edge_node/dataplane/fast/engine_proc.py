@@ -196,20 +196,7 @@ class RingServer:
         service = self.runtime.service
         timing = Timing()
         timing.tokenized = timing.received
-        if service.cache is None:
-            return await service.embed_tokens(seqs, timing)
-
-        async def compute(missing: list[np.ndarray]) -> tuple[np.ndarray, EmbedOutcome]:
-            outcome = await service.embed_tokens(missing, timing)
-            return outcome.vectors, outcome
-
-        result = await service.cache.resolve(service.cache_namespace, seqs, compute, use_cache=True)
-        ran: EmbedOutcome | None = result.computed
-        return EmbedOutcome(
-            vectors=result.vectors, prompt_tokens=sum(len(s) for s in seqs),
-            batch_size=ran.batch_size if ran else 0, inference_us=ran.inference_us if ran else 0,
-            cache=result.status,
-        )
+        return await service.embed_cached(seqs, timing)
 
     def _reply(self, slot: int) -> None:
         self.served += 1
