@@ -11,13 +11,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
-from gazsi_cluster.testing_services import ThrowawayRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: tests.support and benchmarks import from the root
+
+from tests.support.services import ThrowawayRedis  # noqa: E402
 
 
 def pct(samples: list[float], q: float) -> float:

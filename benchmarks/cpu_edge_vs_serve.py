@@ -21,7 +21,10 @@ from pathlib import Path
 
 import httpx
 
-from gazsi_cluster.bench import LoadSpec, run_load
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: tests.support and benchmarks import from the root
+
+from benchmarks.loadgen import LoadSpec, run_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "all-MiniLM-L6-v2"
@@ -52,7 +55,7 @@ def run_edge(args: argparse.Namespace) -> dict:
     env = dict(os.environ, GAZSI_BATCHER__MAX_BATCH_SIZE="32", GAZSI_BATCHER__MAX_WAIT_US="2000",
                GAZSI_DATA_DIR=args.data_dir)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gazsi_cluster.cli.main", "--log-level", "warning", "edge", "serve",
+        [sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", "edge", "serve",
          "--port", "8101", "--no-auth", "--backend", "onnx-cpu"],
         env=env, cwd=ROOT,
     )

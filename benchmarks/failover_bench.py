@@ -1,6 +1,6 @@
 """Failover: three loopback edges under load, one killed; failed requests and time out of the table.
 
-Edges are small aiohttp servers (``control_plane.testing.FakeEdge``, 2 ms per request) that
+Edges are small aiohttp servers (``tests.support.fake_edge.FakeEdge``, 2 ms per request) that
 heartbeat into an in-process control plane at the default 1 s interval; clients route with
 ``RoutingClient`` reading the control plane's published table.
 
@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from control_plane.service import ControlPlane
-from control_plane.testing import FakeEdge
 from gazsi_cluster.config import load_settings
 from gazsi_cluster.routing import RoutingClient, RoutingMetrics, make_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: tests.support and benchmarks import from the root
+
+from tests.support.fake_edge import FakeEdge  # noqa: E402
 
 
 async def run(seconds: float, kill_at: float, concurrency: int, policy: str) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gazsi_cluster.bench.loadgen import SENTENCES, long_text  # noqa: E402
+from benchmarks.loadgen import SENTENCES, long_text  # noqa: E402
 
 MODEL = "all-MiniLM-L6-v2"
 CORES = {"server": "0-11", "wrk": "12-15"}
@@ -367,7 +367,7 @@ def main() -> int:
         save()
 
     wrk = Wrk(args.wrk, out)
-    cli = [py, "-c", "import sys; from gazsi_cluster.cli.main import main; sys.exit(main(sys.argv[1:]))"]
+    cli = [py, "-c", "import sys; from gazsi_cli.main import main; sys.exit(main(sys.argv[1:]))"]
     systems = []
     if "edge-fast" in wanted:
         cfg = our_config(out / "cfg_fast.yaml", model_dir, 8100, args.workers, backend=args.backend)

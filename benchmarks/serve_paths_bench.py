@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from gazsi_cluster.bench import LoadSpec, run_load
+from benchmarks.loadgen import LoadSpec, run_load
 
 GAZSI = str(Path(sys.executable).parent / "gazsi")
 

@@ -31,7 +31,11 @@ import psutil
 
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
-from gazsi_cluster.testing_services import ThrowawayRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: tests.support and benchmarks import from the root
+
+from tests.support.services import ThrowawayRedis, free_port  # noqa: E402
 
 MODEL = "all-MiniLM-L6-v2"
 # kind -> statuses that kind must get; anything else is unexpected.
@@ -76,7 +80,7 @@ def start_edges(n: int, data_dir: Path, redis_url: str, backend: str) -> list[tu
         port = free_port()
         log = open(data_dir / f"edge{i}.log", "wb")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gazsi_cluster.cli.main", "--log-level", "warning", "edge", "serve",
+            [sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", "edge", "serve",
              "--port", str(port), "--backend", backend, "--data-dir", str(data_dir)],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gazsi_cluster.testing_services import ThrowawayPostgres, ThrowawayRedis
+from tests.support.services import ThrowawayPostgres, ThrowawayRedis
 
 
 def _service_missing(what: str, exc: BaseException) -> None:

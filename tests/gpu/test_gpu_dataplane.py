@@ -91,7 +91,7 @@ async def test_gpu_plane_bodies_equal_socket_plane_bodies(tmp_path: Path) -> Non
     from edge_node.dataplane.gazsi_json import inference_body
     from edge_node.dataplane.gpu.server import GpuDataplane
     from edge_node.dataplane.socket.app import create_app
-    from gazsi_cluster.testing import serve_on_loopback
+    from tests.support.asgi import serve_on_loopback
 
     runtime = _runtime(tmp_path)
     await runtime.start(wait=True)

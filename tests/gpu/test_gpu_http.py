@@ -11,7 +11,7 @@ import pytest
 from edge_node.dataplane.gpu import _layout as L
 from edge_node.dataplane.gpu._compare import normalise, row_to_parsed
 from edge_node.dataplane.gpu._reference import parse_reference
-from edge_node.dataplane.gpu.fuzz import fuzz_requests
+from tests.support.http_fuzz import fuzz_requests
 
 cp = pytest.importorskip("cupy", reason="CuPy is not installed (GPU data plane tests need a CUDA GPU)")
 try:

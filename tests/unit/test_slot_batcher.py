@@ -135,9 +135,12 @@ def test_admission_is_bounded_and_fails_fast() -> None:
     engine = _GatedEngine()
     r = Rig(engine=engine, queue_capacity=2, max_batch_size=1)
     try:
-        r.sb.start()
+        # All four indices are in the pipe before the (single) former thread starts, so it admits
+        # them in one read: two fit the queue, two are refused. Submitting after start() let the
+        # thread take slot 0 alone and block in the gated engine before it read the others.
         for slot in range(4):
             r.submit(slot, r.seqs(3))
+        r.sb.start()
         # The engine is blocked, so only refusals can come back: two of them, at once.
         refused = r.replies(0, 2)
         assert sorted(refused) == [2, 3]

@@ -220,7 +220,7 @@ def engine_main(settings: Settings, ring_name: str, layout: Any, req_fd: int, re
     import uvicorn
 
     from edge_node.dataplane.socket.app import create_app
-    from gazsi_cluster.cli.edge import _authorizer
+    from gazsi_cluster.auth.factory import authorizer_for as _authorizer
 
     ring = SlotRing.attach(layout, ring_name)
     runtime = EdgeRuntime(settings, authorizer=_authorizer(settings))

@@ -395,7 +395,7 @@ def worker_main(settings: Settings, ring_name: str, layout: RingLayout, worker: 
 
     import uvloop
 
-    from gazsi_cluster.cli.edge import _authorizer
+    from gazsi_cluster.auth.factory import authorizer_for as _authorizer
     from gazsi_cluster.model import load_model_spec
 
     threads = settings.edge.worker_tokenizer_threads

@@ -5,7 +5,6 @@ Nothing here imports CuPy at module top; GPU code loads on first use.
 
 from __future__ import annotations
 
-__all__ = ["MUTATIONS", "ParsedRequest", "fuzz_requests", "parse_reference"]
+__all__ = ["ParsedRequest", "parse_reference"]
 
 from ._reference import ParsedRequest, parse_reference
-from .fuzz import MUTATIONS, fuzz_requests

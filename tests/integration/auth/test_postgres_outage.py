@@ -10,7 +10,7 @@ import pytest
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
 from gazsi_cluster.errors import ServiceUnavailable
-from gazsi_cluster.testing_services import ThrowawayPostgres
+from tests.support.services import ThrowawayPostgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

@@ -16,7 +16,7 @@ from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.auth.store import open_store
 from gazsi_cluster.config import Settings, load_settings
 from gazsi_cluster.errors import AuthenticationError
-from gazsi_cluster.testing_services import ThrowawayRedis
+from tests.support.services import ThrowawayRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

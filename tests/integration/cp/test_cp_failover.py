@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from control_plane.service import ControlPlane
-from control_plane.testing import FakeEdge
 from gazsi_cluster.config import load_settings
 from gazsi_cluster.routing import RoutingClient, RoutingMetrics, make_policy
+from tests.support.fake_edge import FakeEdge
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -30,7 +30,7 @@ def agent_for(settings: Settings, url: str, tmp: Path, name: str, port: int) -> 
 
 async def gazsi(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gazsi_cluster.cli.main", "--log-level", "warning", *args,
+        sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from gazsi_cluster.cli.up import ray_temp_dir, stop_local_ray
+from gazsi_cli.up import ray_temp_dir, stop_local_ray
 
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, RAY_AUTH_MODE="token")

@@ -12,7 +12,7 @@ from edge_node.dataplane.socket.app import create_app
 from edge_node.engines.fake import FakeEngine
 from edge_node.runtime import EdgeRuntime
 from gazsi_cluster.config import load_settings
-from gazsi_cluster.testing import serve_on_loopback
+from tests.support.asgi import serve_on_loopback
 
 from .conftest import wait_ready
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gazsi_cluster.testing_services import free_port
+from tests.support.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(90)]
 BODY = json.dumps({"input": ["graceful", "shutdown"], "model": "all-MiniLM-L6-v2"}).encode()
@@ -24,7 +24,7 @@ BODY = json.dumps({"input": ["graceful", "shutdown"], "model": "all-MiniLM-L6-v2
 def _start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gazsi_cluster.cli.main", "--log-level", "warning", "edge", "serve", "--port",
+        [sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", "edge", "serve", "--port",
          str(port), "--backend", "fake", "--no-auth", "--data-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, GAZSI_LIMITS__BODY_TIMEOUT_S="60"),
     )

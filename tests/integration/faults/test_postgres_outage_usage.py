@@ -16,7 +16,7 @@ from edge_node.engines.fake import FakeEngine
 from edge_node.runtime import EdgeRuntime
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
-from gazsi_cluster.testing_services import ThrowawayPostgres
+from tests.support.services import ThrowawayPostgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 OUTAGE_S = 10.0

@@ -9,7 +9,7 @@ import pytest
 
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
-from gazsi_cluster.testing_services import ThrowawayRedis
+from tests.support.services import ThrowawayRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

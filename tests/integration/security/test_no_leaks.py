@@ -17,7 +17,7 @@ from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
 from gazsi_cluster.gateway import Gateway, create_gateway_app
 from gazsi_cluster.routing import NodeEntry, RoutingTable
-from gazsi_cluster.testing_services import free_port
+from tests.support.services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 MODEL = "all-MiniLM-L6-v2"

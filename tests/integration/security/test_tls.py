@@ -12,7 +12,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from gazsi_cluster.cli.main import main
+from gazsi_cli.main import main
 from gazsi_cluster.tls import client_context, create_deployment_certs, server_context
 
 from .conftest import running_edge

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gazsi_cluster.cli.main import main
+from gazsi_cli.main import main
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

@@ -83,10 +83,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _authorizer(settings: Any) -> Any:
-    """The key-store authorizer when auth is on, allow-all only when the operator turned auth off."""
-    from gazsi_cluster.auth import AllowAll
-    from gazsi_cluster.auth.factory import build_authorizer
+    from gazsi_cluster.auth.factory import authorizer_for
 
-    if not settings.auth.enabled:
-        return AllowAll()
-    return build_authorizer(settings)
+    return authorizer_for(settings)

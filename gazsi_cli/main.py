@@ -15,8 +15,8 @@ from gazsi_cluster.errors import GazsiError
 
 __all__ = ["build_parser", "main"]
 
-# Sub-command modules under gazsi_cluster.cli, in help order.
-COMMANDS = ("edge", "bench", "keys", "nodes", "up", "certs")
+# Sub-command modules under gazsi_cli, in help order.
+COMMANDS = ("edge", "keys", "nodes", "up", "certs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"gazsi_cluster.cli.{name}")
+            module = importlib.import_module(f"gazsi_cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"gazsi_cluster.cli.{name}":
+            if exc.name == f"gazsi_cli.{name}":
                 continue  # command not built yet in this checkout
             raise
         module.register(sub)
