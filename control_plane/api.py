@@ -21,7 +21,7 @@ from control_plane.ca import node_id_from_cert
 from control_plane.service import ControlPlane
 from gazsi_cluster import __version__
 from gazsi_cluster.errors import AuthenticationError, PermissionDenied
-from gazsi_cluster.http.errors import install_error_handlers
+from gazsi_cluster.http.asgi import install_error_handlers
 from gazsi_cluster.protocol import NodeFacts, NodeLoad
 from gazsi_cluster.routing.policies import RouteRequest, RoutingPolicy
 from gazsi_cluster.routing.table import RoutingTable

@@ -7,6 +7,7 @@
     │   ├── InputTooLong             400
     │   ├── HeadersTooLarge          431  header section too big or too many fields
     │   ├── RequestTimeout           408  headers not received in time (slowloris)
+    │   ├── MethodNotAllowed         405  the route exists, the method does not
     │   └── UnknownModel             404  (OpenAI answers model_not_found with 404)
     ├── NotFound                     404
     │   └── UnknownNode              404  heartbeat from a node the control plane does not know
@@ -25,7 +26,7 @@
     └── ConfigError                  —    raised at start-up, never reaches HTTP
 
 Code elsewhere raises these, and translates foreign exceptions at the boundary with
-``raise Ours(...) from exc``. Exactly one function (:func:`gazsi_cluster.http.errors.to_response`)
+``raise Ours(...) from exc``. Exactly one function (:func:`gazsi_cluster.http.errors.error_reply`)
 turns them into HTTP.
 """
 
@@ -44,6 +45,7 @@ __all__ = [
     "HeadersTooLarge",
     "InputTooLong",
     "InvalidRequest",
+    "MethodNotAllowed",
     "NoHealthyNode",
     "NotFound",
     "Overloaded",
@@ -109,6 +111,11 @@ class HeadersTooLarge(InvalidRequest):
 class RequestTimeout(InvalidRequest):
     status = 408
     code = "request_timeout"
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
 
 
 class UnknownModel(InvalidRequest):

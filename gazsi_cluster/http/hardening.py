@@ -28,23 +28,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gazsi_cluster.config import LimitsConfig, TLSConfig
 from gazsi_cluster.errors import GazsiError, HeadersTooLarge, RequestTimeout, TooManyConnections
-from gazsi_cluster.http.errors import to_response
+from gazsi_cluster.http.errors import error_reply
+from gazsi_cluster.http.wire import render
 
 __all__ = ["HardenedProtocol", "listener_options", "protocol_class", "raw_error"]
 
-_REASONS = {408: b"Request Timeout", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
-
-
 def raw_error(exc: GazsiError) -> bytes:
     """The full HTTP/1.1 response (``Connection: close``) for ``exc``, built by the one error mapper."""
-    response = to_response(exc)
-    status = response.status_code
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))]
-    for name, value in response.raw_headers:
-        if name != b"connection":
-            lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"connection: close\r\n\r\n")
-    return b"".join(lines) + bytes(response.body)
+    return render(error_reply(exc), keep_alive=False)
 
 
 class _Reject(Exception):

@@ -9,7 +9,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gazsi_cluster.errors import PayloadTooLarge
-from gazsi_cluster.http.errors import to_response
+from gazsi_cluster.http.asgi import to_response
 
 __all__ = ["BodyLimitMiddleware", "RequestObserver", "TimingMiddleware"]
 

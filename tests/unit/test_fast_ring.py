@@ -25,7 +25,7 @@ from edge_node.tokenization import TextTokenizer
 from gazsi_cluster.auth import AllowAll, Principal
 from gazsi_cluster.config import load_settings
 from gazsi_cluster.errors import AuthenticationError, RateLimited
-from gazsi_cluster.http.errors import to_response
+from gazsi_cluster.http.asgi import to_response
 from gazsi_cluster.model import load_model_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]

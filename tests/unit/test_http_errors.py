@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from gazsi_cluster import errors
-from gazsi_cluster.http.errors import to_response
+from gazsi_cluster.http.asgi import to_response
 
 pytestmark = pytest.mark.unit
 

@@ -64,7 +64,7 @@ _Reply = tuple[int, bytes, _Headers]
 
 def _error_reply(exc: BaseException) -> _Reply:
     """Through the project's one error-to-HTTP function, so bodies match the FastAPI app exactly."""
-    from gazsi_cluster.http.errors import to_response
+    from gazsi_cluster.http.asgi import to_response
 
     resp = to_response(exc)
     headers = [(k, v) for k, v in resp.headers.items() if k not in ("content-length", "content-type")]

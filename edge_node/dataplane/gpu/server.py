@@ -58,7 +58,7 @@ def http_response(status: int, body: bytes, headers: dict[str, str], keep_alive:
 
 
 def error_response(exc: BaseException, keep_alive: bool) -> bytes:
-    from gazsi_cluster.http.errors import to_response
+    from gazsi_cluster.http.asgi import to_response
 
     resp = to_response(exc)
     return http_response(resp.status_code, bytes(resp.body), dict(resp.headers), keep_alive)

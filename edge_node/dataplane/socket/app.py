@@ -22,8 +22,8 @@ from gazsi_cluster import __version__
 from gazsi_cluster.auth import Principal
 from gazsi_cluster.auth.admin_api import build_admin_router
 from gazsi_cluster.errors import InvalidRequest
+from gazsi_cluster.http.asgi import install_error_handlers
 from gazsi_cluster.http.cancellation import run_until_disconnect
-from gazsi_cluster.http.errors import install_error_handlers
 from gazsi_cluster.http.middleware import BodyLimitMiddleware, TimingMiddleware
 from gazsi_cluster.protocol import EmbeddingRequest, EmbeddingResponse, InferenceResponse, ModelList
 
