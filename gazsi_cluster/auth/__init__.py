@@ -26,7 +26,13 @@ class Authorizer(Protocol):
     async def authorize(self, authorization: str | None, *, model: str | None = None, admin: bool = False) -> Principal:
         ...
 
-    async def record_usage(self, principal: Principal, *, model: str, tokens: int) -> None:
+    async def reserve_tokens(self, principal: Principal, *, model: str, tokens: int) -> None:
+        """Charge ``tokens`` to the key's token limits before the work runs (the input size is known);
+        raises ``RateLimited`` / ``QuotaExceeded`` when they do not fit."""
+        ...
+
+    async def record_usage(self, principal: Principal, *, model: str, tokens: int, reserved: int = 0) -> None:
+        """Record ``tokens`` served (billed); ``reserved`` is what :meth:`reserve_tokens` already charged."""
         ...
 
 
@@ -38,5 +44,8 @@ class AllowAll:
     async def authorize(self, authorization: str | None, *, model: str | None = None, admin: bool = False) -> Principal:
         return self._anonymous
 
-    async def record_usage(self, principal: Principal, *, model: str, tokens: int) -> None:
+    async def reserve_tokens(self, principal: Principal, *, model: str, tokens: int) -> None:
+        return None
+
+    async def record_usage(self, principal: Principal, *, model: str, tokens: int, reserved: int = 0) -> None:
         return None

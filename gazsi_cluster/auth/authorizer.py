@@ -130,15 +130,41 @@ class KeyAuthorizer:
             self._recent[record.id] = record
         return Principal(record.id, record.name, frozenset(record.scopes), headers)
 
-    async def record_usage(self, principal: Principal, *, model: str, tokens: int) -> None:
+    async def reserve_tokens(self, principal: Principal, *, model: str, tokens: int) -> None:
+        """Take the request's tokens from the key's tokens/minute bucket before it runs.
+
+        A request larger than the key's whole per-minute budget can never fit: it is refused with
+        a message saying so instead of an invitation to retry forever.
+        """
+        record = await self._record_for_usage(principal)
+        if record is None or tokens <= 0:
+            return
+        now = self.clock()
+        if record.monthly_quota:
+            await self._check_quota(record, now, extra=tokens)
+        if record.tpm:
+            if tokens > record.tpm:
+                raise RateLimited(
+                    f"This request needs {tokens} tokens, more than the {record.tpm} tokens per minute "
+                    f"key {record.prefix}… may use; split it into smaller requests.",
+                    retry_after=60.0, key_id=record.id,
+                )
+            tok = await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=tokens)
+            if not tok.allowed:
+                headers: dict[str, str] = {}
+                self._headers(headers, "Tokens", tok)
+                raise self._limited(f"tokens per minute ({record.tpm})", tok, headers, record)
+
+    async def record_usage(self, principal: Principal, *, model: str, tokens: int, reserved: int = 0) -> None:
         now = self.clock()
         day = utc_day(now)
         self.usage.add(principal.key_id, model, day, tokens=tokens)
         record = await self._record_for_usage(principal)
         if record is None:
             return
-        if record.tpm:
-            await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=tokens, force=True)
+        if record.tpm and tokens != reserved:
+            # Settle the difference with what was reserved (negative cost = refund).
+            await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=tokens - reserved, force=True)
         if record.monthly_quota:
             self._month_local[record.id] = self._month_local.get(record.id, 0) + tokens
             if self.redis is not None and self.redis_health.usable():
@@ -213,11 +239,11 @@ class KeyAuthorizer:
             retry_after=max(d.retry_after_s, 0.001), headers=dict(headers), key_id=record.id,
         )
 
-    async def _check_quota(self, record: KeyRecord, now: float) -> None:
+    async def _check_quota(self, record: KeyRecord, now: float, extra: int = 0) -> None:
         assert record.monthly_quota is not None
         month = month_start(utc_day(now))
         used = await self._month_used(record.id, month)
-        if used >= record.monthly_quota:
+        if used + extra > record.monthly_quota or used >= record.monthly_quota:
             nxt = _next_month(month)
             reset = datetime(nxt.year, nxt.month, 1, tzinfo=UTC).timestamp()
             raise QuotaExceeded(
