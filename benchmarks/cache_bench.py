@@ -4,7 +4,7 @@
 
 Uses the FakeEngine (deterministic vectors, ``--delay-ms`` of simulated engine time per batch),
 not the ONNX model, so the number shows the cache path's effect, not model speed. Requests go
-through the full FastAPI app (auth off, ASGI transport in-process: no sockets).
+through a whole edge node (auth off, the asgi transport on loopback).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import time
 
 import httpx
 
-from edge_node.dataplane.socket.app import create_app
 from edge_node.engines.fake import FakeEngine
-from edge_node.runtime import EdgeRuntime
+from edge_node.node import EdgeNode
 from gazsi_cluster.config import load_settings
 
 MODEL = "all-MiniLM-L6-v2"
@@ -35,15 +34,16 @@ def workload(n: int, repeat: float, seed: int = 7) -> list[str]:
 async def run(cache_on: bool, texts: list[str], concurrency: int, delay_s: float) -> tuple[float, dict[str, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(data_dir=tmp, engine={"backend": "fake"}, auth={"enabled": False},
-                                 cache={"enabled": cache_on})
+                                 cache={"enabled": cache_on}, edge={"dataplane": "asgi", "port": 0})
         engine = FakeEngine(delay_s=delay_s)
-        runtime = EdgeRuntime(settings, engine=engine)
-        app = create_app(runtime, manage_lifespan=False)
-        await runtime.start(wait=True)
+        node = EdgeNode(settings, engine=engine)
+        await node.start()
+        assert node.runtime is not None
+        await node.runtime.wait_loaded()
         counts: dict[str, int] = {}
         queue = list(texts)
         try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as c:
+            async with httpx.AsyncClient(base_url=node.url) as c:
                 async def worker() -> None:
                     while queue:
                         text = queue.pop()
@@ -56,7 +56,7 @@ async def run(cache_on: bool, texts: list[str], concurrency: int, delay_s: float
                 await asyncio.gather(*[worker() for _ in range(concurrency)])
                 elapsed = time.perf_counter() - started
         finally:
-            await runtime.stop()
+            await node.stop()
         counts["engine_calls"] = len(engine.calls)
         return len(texts) / elapsed, counts
 

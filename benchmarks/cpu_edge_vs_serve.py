@@ -1,11 +1,14 @@
-"""Edge node vs a plain Ray Serve deployment, same model, same ONNX CPU engine, same load.
+"""Edge node (fast front and one FastAPI process) vs a plain Ray Serve deployment: same model, same ONNX CPU
+engine, same load, one run.
 
 Run inside a loopback-only network namespace (Ray binds to the host address otherwise):
 
     unshare -n bash -c 'ip link set lo up; .venv/bin/python benchmarks/cpu_edge_vs_serve.py'
 
-Both systems batch at most 32 inputs and wait at most 2 ms. The load is closed-loop,
-single-sentence POST /v1/embeddings at 32 concurrent clients (``gazsi bench``'s generator).
+Every system batches at most 32 inputs and waits at most 2 ms. The load is closed-loop, single-sentence
+POST /v1/embeddings at 32 concurrent clients, every request's text new (``benchmarks/loadgen.py``), and the
+edge's response cache is OFF (``--cache on`` to measure it): a benchmark that repeats its inputs measures
+the cache, not the serving path.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ def wait_http(url: str, limit_s: float = 180) -> None:
     raise SystemExit(f"{url} never became ready")
 
 
-def bench(url: str, concurrency: int, duration: float) -> dict:
-    spec = LoadSpec(url=url, concurrency=concurrency, duration_s=duration, warmup_s=3)
+def bench(url: str, concurrency: int, duration: float, metrics_url: str | None = None) -> dict:
+    spec = LoadSpec(url=url, concurrency=concurrency, duration_s=duration, warmup_s=3, metrics_url=metrics_url)
     result = asyncio.run(run_load(spec))
     print(f"  {url}: {result.summary()}", flush=True)
     if result.errors or not result.ok:
@@ -51,17 +54,18 @@ def bench(url: str, concurrency: int, duration: float) -> dict:
     return json.loads(result.to_json())
 
 
-def run_edge(args: argparse.Namespace) -> dict:
+def run_edge(args: argparse.Namespace, dataplane: str, port: int) -> dict:
     env = dict(os.environ, GAZSI_BATCHER__MAX_BATCH_SIZE="32", GAZSI_BATCHER__MAX_WAIT_US="2000",
-               GAZSI_DATA_DIR=args.data_dir)
+               GAZSI_DATA_DIR=args.data_dir, GAZSI_CACHE__ENABLED="true" if args.cache == "on" else "false")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", "edge", "serve",
-         "--port", "8101", "--no-auth", "--backend", "onnx-cpu"],
+        [sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", "edge", "serve", "--dataplane", dataplane,
+         "--port", str(port), "--admin-port", str(port + 1), "--no-auth", "--backend", "onnx-cpu"],
         env=env, cwd=ROOT,
     )
+    ops = f"http://127.0.0.1:{port + 1}" if dataplane != "asgi" else f"http://127.0.0.1:{port}"
     try:
-        wait_http("http://127.0.0.1:8101/readyz")
-        return bench("http://127.0.0.1:8101", args.concurrency, args.duration)
+        wait_http(f"{ops}/readyz")
+        return bench(f"http://127.0.0.1:{port}", args.concurrency, args.duration, metrics_url=ops)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -89,21 +93,31 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=20)
     parser.add_argument("--data-dir", default=str(ROOT / ".gazsi-data"))
+    parser.add_argument("--cache", choices=["off", "on"], default="off", help="the edge's response cache")
+    parser.add_argument("--systems", default="fast,asgi,serve")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    print(f"edge node (gazsi edge serve, ONNX CPU, batch 32 / 2 ms), {args.concurrency} clients:", flush=True)
-    edge = run_edge(args)
-    print(f"vanilla Ray Serve (FastAPI ingress + @serve.batch 32 / 2 ms, ONNX CPU), {args.concurrency} clients:",
+    wanted = args.systems.split(",")
+    results: dict[str, dict] = {}
+    print(f"response cache {args.cache}; inputs never repeat; {args.concurrency} clients, {args.duration:g} s each",
           flush=True)
-    vanilla = run_vanilla_serve(args)
-    ratio = edge["throughput_rps"] / max(vanilla["throughput_rps"], 1e-9)
+    for name, dataplane, port in (("fast", "fast", 8101), ("asgi", "asgi", 8103)):
+        if name in wanted:
+            print(f"edge node, {dataplane} data plane (gazsi edge serve, ONNX CPU, batch 32 / 2 ms):", flush=True)
+            results[f"GAZSI edge ({dataplane})"] = run_edge(args, dataplane, port)
+    if "serve" in wanted:
+        print("vanilla Ray Serve (FastAPI ingress + @serve.batch 32 / 2 ms, ONNX CPU):", flush=True)
+        results["vanilla Ray Serve"] = run_vanilla_serve(args)
     print("\n| system | req/s | p50 ms | p95 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
-    for name, r in (("GAZSI edge node", edge), ("vanilla Ray Serve", vanilla)):
+    for name, r in results.items():
         mb = f"{r['mean_batch_size']:.1f}" if r["mean_batch_size"] else "n/a"
         print(f"| {name} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {mb} |")
-    print(f"\nthroughput ratio edge / vanilla Serve: {ratio:.2f}x")
+    base = results.get("vanilla Ray Serve")
+    for name, r in results.items():
+        if base is not None and r is not base:
+            print(f"{name} / vanilla Ray Serve: {r['throughput_rps'] / max(base['throughput_rps'], 1e-9):.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"edge": edge, "vanilla_serve": vanilla, "ratio": ratio}, indent=2))
+        args.json.write_text(json.dumps({"cache": args.cache, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edge_node.transports.fast.supervisor import FastFront  # noqa: E402
+
 from benchmarks.loadgen import SENTENCES  # noqa: E402
-from edge_node.dataplane.fast.ring import (  # noqa: E402
+from edge_node.transports.fast.ring import (  # noqa: E402
     M_T_FORMED,
     M_T_INFER0,
     M_T_INFER1,
@@ -39,7 +41,6 @@ from edge_node.dataplane.fast.ring import (  # noqa: E402
     M_T_SUBMIT,
     M_T_WOKEN,
 )
-from edge_node.dataplane.fast.supervisor import FastFront  # noqa: E402
 from gazsi_cluster.config import load_settings  # noqa: E402
 
 STAGES = [("parse+tokenise", None, M_T_SUBMIT), ("pipe to engine", M_T_SUBMIT, M_T_READ),

@@ -20,7 +20,7 @@ def _reqs(n: int) -> list[bytes]:
 def kernels(sizes: list[int]) -> None:
     import cupy as cp
 
-    from edge_node.dataplane.gpu.kernels import GpuHttpEngine, jobs_for
+    from edge_node.transports.gpu.kernels import GpuHttpEngine, jobs_for
 
     eng = GpuHttpEngine(max(sizes))
     print("| batch | parse kernel us | build kernel us | parse+build us/request |")
@@ -45,7 +45,7 @@ def kernels(sizes: list[int]) -> None:
 
 
 def modes(sizes: list[int], reps: int = 200) -> None:
-    from edge_node.dataplane.gpu.control import make_runner
+    from edge_node.transports.gpu.control import make_runner
 
     print("\n| mode | burst | p50 us/burst | p99 us/burst | requests/s |")
     print("|---|---|---|---|---|")

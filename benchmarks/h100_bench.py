@@ -162,7 +162,8 @@ class System:
 
     def __init__(self, name: str, cmd: list[str], url: str, ready_url: str, batch_url: str | None,
                  kinds: list[str], env: dict[str, str] | None = None, ready_s: float = 120.0,
-                 paced: bool = True) -> None:
+                 paced: bool = True, cwd: Path | None = None) -> None:
+        self.cwd = cwd or ROOT
         self.name, self.cmd, self.url, self.ready_url = name, cmd, url, ready_url
         self.paced = paced  # False: saturation only (A/B variants, to save device time)
         self.batch_url, self.kinds, self.env, self.ready_s = batch_url, kinds, env, ready_s
@@ -171,7 +172,7 @@ class System:
     def start(self, out: Path) -> None:
         logf = (out / f"server_{self.name}.log").open("wb")
         self.proc = subprocess.Popen(["taskset", "-c", CORES["server"], *self.cmd], stdout=logf, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(self.env or {})}, start_new_session=True, cwd=ROOT)
+                                     env={**os.environ, **(self.env or {})}, start_new_session=True, cwd=self.cwd)
         deadline = time.monotonic() + self.ready_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -276,16 +277,15 @@ def profile(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) -> di
     import psutil
 
     assert system.proc is not None
-    # Forked children share the parent's command line; the engine is forked first (lowest pid).
-    kids = []
+    # The node process (engine, slot batcher) is the server itself; workers are its children.
+    workers = []
     for p in psutil.Process(system.proc.pid).children(recursive=True):
         try:
-            if "resource_tracker" not in " ".join(p.cmdline()):
-                kids.append(p.pid)
+            if "edge_node.transports.fast.worker" in " ".join(p.cmdline()):
+                workers.append(p.pid)
         except psutil.Error:
             continue
-    kids.sort()
-    roles = {"engine": kids[0], "worker": kids[1]} if len(kids) >= 2 else {}
+    roles = {"engine": system.proc.pid, **({"worker": min(workers)} if workers else {})}
     pyspy = shutil.which("py-spy") or "/tmp/site/bin/py-spy"
     procs = {role: subprocess.Popen([pyspy, "record", "-d", "4", "-r", "200", "--nonblocking", "-f", "raw",
                                      "-o", str(out / f"pyspy_{role}.txt"), "-p", str(pid)],
@@ -310,10 +310,17 @@ def profile(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) -> di
 
 
 # -- main -------------------------------------------------------------------------------------
-def our_config(path: Path, model_dir: Path, port: int, workers: int, dataplane: str = "socket",
-               backend: str = "torch-cuda", **edge_extra: Any) -> Path:
+def our_config(path: Path, model_dir: Path, port: int, workers: int, dataplane: str = "fast",
+               backend: str = "torch-cuda", flavor: str = "now", **edge_extra: Any) -> Path:
+    """The node's settings. ``flavor="before"``: the keys of the tree before issue 13's refactor (its
+    fast front was ``dataplane: socket`` with ``workers`` > 0, its FastAPI port ``api_port``)."""
     import yaml
 
+    edge: dict[str, Any] = {"host": "127.0.0.1", "port": port, "workers": workers, "dataplane": dataplane,
+                            "ring_slots_per_worker": 256, "admin_port": port + 1, **edge_extra}
+    if flavor == "before":
+        edge["api_port"] = port + 1
+        edge["dataplane"] = {"fast": "socket", "asgi": "socket"}.get(dataplane, dataplane)
     cfg = {
         "log_level": "warning",
         "data_dir": "/tmp/gz-data",
@@ -322,8 +329,7 @@ def our_config(path: Path, model_dir: Path, port: int, workers: int, dataplane: 
                     "max_batch_tokens": 65536, "max_queued_tokens": 16_000_000},
         "auth": {"enabled": False},
         "cache": {"enabled": False},  # repeated sentences must not be served from the cache
-        "edge": {"host": "127.0.0.1", "port": port, "workers": workers, "dataplane": dataplane,
-                 "ring_slots_per_worker": 256, "admin_port": port + 1, "api_port": port + 1, **edge_extra},
+        "edge": edge,
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -337,11 +343,13 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--conns", type=int, default=256)
     ap.add_argument("--workers", type=int, default=10)
-    ap.add_argument("--systems", default="ceiling,edge-fast,edge-socket,edge-gpu,ray-serve")
+    ap.add_argument("--systems", default="ceiling,edge-fast,edge-fast-before,edge-asgi,edge-gpu,ray-serve")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--server-cores", default=CORES["server"], help="taskset list for the servers")
     ap.add_argument("--wrk-cores", default=CORES["wrk"], help="taskset list for wrk")
     ap.add_argument("--backend", default="torch-cuda", help="fake/onnx-cpu: dry runs of this script off the GPU")
+    ap.add_argument("--before-tree", type=Path, help="a checkout of the commit before the refactor (edge-fast-before)")
+    ap.add_argument("--kinds", default="single,batch32,long,inference", help="request kinds for edge-fast")
     args = ap.parse_args()
     CORES.update(server=args.server_cores, wrk=args.wrk_cores)
     out = args.out
@@ -373,31 +381,29 @@ def main() -> int:
         cfg = our_config(out / "cfg_fast.yaml", model_dir, 8100, args.workers, backend=args.backend)
         systems.append(System("edge-fast", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8100",
                               "http://127.0.0.1:8101/readyz", "http://127.0.0.1:8101/metrics",
-                              ["single", "batch32", "long", "inference"]))
-    # Round 2 A/B (saturation only): round 1's engine path (asyncio Batcher, rayon threads left at
-    # the library default in every worker), and the new slot batcher with rayon left at the default.
-    if "edge-fast-r1" in wanted:
-        cfg = our_config(out / "cfg_fast_r1.yaml", model_dir, 8500, args.workers, backend=args.backend,
-                         ring_batcher="asyncio", worker_tokenizer_threads=0)
-        systems.append(System("edge-fast-r1", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8500",
-                              "http://127.0.0.1:8501/readyz", "http://127.0.0.1:8501/metrics",
-                              ["single", "batch32"], paced=False))
-    if "edge-fast-tok0" in wanted:
-        cfg = our_config(out / "cfg_fast_tok0.yaml", model_dir, 8600, args.workers, backend=args.backend,
-                         worker_tokenizer_threads=0)
-        systems.append(System("edge-fast-tok0", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8600",
-                              "http://127.0.0.1:8601/readyz", "http://127.0.0.1:8601/metrics", ["batch32"], paced=False))
-    if "edge-socket" in wanted:
-        cfg = our_config(out / "cfg_socket.yaml", model_dir, 8200, 0, backend=args.backend)
-        systems.append(System("edge-socket", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8200",
+                              args.kinds.split(",")))
+    # Issue 13: the same fast front from the tree before the refactor, in the same lease.
+    if "edge-fast-before" in wanted and args.before_tree:
+        before = args.before_tree.resolve()
+        cfg = our_config(out / "cfg_fast_before.yaml", model_dir, 8500, args.workers, backend=args.backend,
+                         flavor="before")
+        old_cli = [py, "-c", "import sys; from gazsi_cluster.cli.main import main; sys.exit(main(sys.argv[1:]))"]
+        systems.append(System("edge-fast-before", [*old_cli, "--config", str(cfg), "edge", "serve"],
+                              "http://127.0.0.1:8500", "http://127.0.0.1:8501/readyz", "http://127.0.0.1:8501/metrics",
+                              args.kinds.split(","), env={"PYTHONPATH": f"{before}:{os.environ.get('PYTHONPATH', '')}"},
+                              cwd=before))
+    if "edge-asgi" in wanted:
+        cfg = our_config(out / "cfg_asgi.yaml", model_dir, 8200, 0, dataplane="asgi", backend=args.backend)
+        systems.append(System("edge-asgi", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8200",
                               "http://127.0.0.1:8200/readyz", "http://127.0.0.1:8200/metrics", ["single", "batch32"]))
     if "edge-gpu" in wanted:
-        if (ROOT / "edge_node/dataplane/gpu/server.py").is_file():
+        if (ROOT / "edge_node/transports/gpu/server.py").is_file():
             cfg = our_config(out / "cfg_gpu.yaml", model_dir, 8300, 0, dataplane="gpu", backend=args.backend)
+            # The gpu plane serves /inference from the kernels; the same node's fast-front-sized CPU share.
             systems.append(System("edge-gpu", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8300",
                                   "http://127.0.0.1:8301/readyz", "http://127.0.0.1:8301/metrics", ["inference"]))
         else:
-            results["systems"]["edge-gpu"] = {"error": "edge_node/dataplane/gpu/server.py not present"}
+            results["systems"]["edge-gpu"] = {"error": "edge_node/transports/gpu/server.py not present"}
     if "ray-serve" in wanted:
         systems.append(System("ray-serve", [py, "benchmarks/_vanilla_serve_gpu.py", str(model_dir), "8400"],
                               "http://127.0.0.1:8400", "http://127.0.0.1:8400/healthz", "http://127.0.0.1:8400/stats",

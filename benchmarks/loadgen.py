@@ -57,6 +57,9 @@ class LoadSpec:
     api_key: str | None = None
     max_outstanding: int = 4096
     connections: int = 0  # 0 = concurrency (closed) or 512 (open)
+    # 0: every request's inputs are new (no response-cache hits); N: cycle N payloads (to measure the cache).
+    repeat_every: int = 0
+    metrics_url: str | None = None  # where /metrics is (the fast front's operator port); default: url
 
 
 @dataclass
@@ -107,21 +110,17 @@ async def scrape_batch_stats(session: aiohttp.ClientSession, base_url: str) -> t
     return found["sum"], found["count"]
 
 
-def _payloads(spec: LoadSpec, n: int = 256) -> list[tuple[str, str, bytes | None]]:
-    out: list[tuple[str, str, bytes | None]] = []
-    for i in range(n):
-        texts = [
-            long_text(i * 131 + j) if spec.long_inputs else f"{SENTENCES[(i + j) % len(SENTENCES)]} #{i}-{j}"
-            for j in range(spec.inputs_per_request)
-        ]
-        if spec.endpoint == "inference":
-            from urllib.parse import quote
+def _payload(spec: LoadSpec, i: int) -> tuple[str, str, bytes | None]:
+    texts = [
+        long_text(i * 131 + j) + f" #{i}" if spec.long_inputs else f"{SENTENCES[(i + j) % len(SENTENCES)]} #{i}-{j}"
+        for j in range(spec.inputs_per_request)
+    ]
+    if spec.endpoint == "inference":
+        from urllib.parse import quote
 
-            out.append(("GET", f"{spec.url}/inference?d={quote(texts[0])}", None))
-        else:
-            body = json.dumps({"input": texts if len(texts) > 1 else texts[0], "model": spec.model}).encode()
-            out.append(("POST", f"{spec.url}/v1/embeddings", body))
-    return out
+        return "GET", f"{spec.url}/inference?d={quote(texts[0])}", None
+    body = json.dumps({"input": texts if len(texts) > 1 else texts[0], "model": spec.model}).encode()
+    return "POST", f"{spec.url}/v1/embeddings", body
 
 
 async def run_load(spec: LoadSpec) -> BenchResult:
@@ -129,7 +128,7 @@ async def run_load(spec: LoadSpec) -> BenchResult:
     headers = {"Content-Type": "application/json"}
     if spec.api_key:
         headers["Authorization"] = f"Bearer {spec.api_key}"
-    payloads = _payloads(spec)
+    cycle = [_payload(spec, i) for i in range(spec.repeat_every)]
     limit = spec.connections or (spec.concurrency if spec.rate is None else 512)
     connector = aiohttp.TCPConnector(limit=limit, force_close=False)
     latencies: list[float] = []
@@ -141,7 +140,7 @@ async def run_load(spec: LoadSpec) -> BenchResult:
 
         async def one() -> None:
             nonlocal counter
-            method, url, body = payloads[counter % len(payloads)]
+            method, url, body = cycle[counter % len(cycle)] if cycle else _payload(spec, counter)
             counter += 1
             t = time.perf_counter()
             try:
@@ -191,13 +190,13 @@ async def run_load(spec: LoadSpec) -> BenchResult:
 
         if spec.warmup_s > 0:
             await drive(spec.warmup_s)
-        before = await scrape_batch_stats(session, spec.url)
+        before = await scrape_batch_stats(session, spec.metrics_url or spec.url)
         measuring = True
         started = time.perf_counter()
         await drive(spec.duration_s)
         result.duration_s = time.perf_counter() - started
         measuring = False
-        after = await scrape_batch_stats(session, spec.url)
+        after = await scrape_batch_stats(session, spec.metrics_url or spec.url)
     if before and after and after[1] > before[1]:
         result.mean_batch_size = (after[0] - before[0]) / (after[1] - before[1])
     if latencies:

@@ -13,7 +13,8 @@ from gazsi_cluster.config import Settings, load_settings
 PROFILES: dict[str, dict[str, Any]] = {
     # Edge listeners take a free port unless env pins one (the chart pins 8100 for its Service).
     "cpu": {"engine": {"backend": "onnx-cpu"}, "edge": {"port": 0}},
-    "gpu": {"engine": {"backend": "auto"}, "edge": {"port": 0, "host": "0.0.0.0"}, "gateway": {"host": "0.0.0.0"}},
+    "gpu": {"engine": {"backend": "auto", "max_batch_size": 512}, "gateway": {"host": "0.0.0.0"},
+            "edge": {"port": 0, "host": "0.0.0.0", "ring_slots_per_worker": 256}},
 }
 
 

@@ -1,27 +1,24 @@
 """The Edge deployment: one edge node per replica (one per GPU in the GPU profile).
 
-Each replica runs the node's own data-plane HTTP server (the CDN path: clients that got this
-edge from ``/v1/route`` talk to it directly), joins the control plane and heartbeats. Serve
-only supervises it: health checks, ``user_config`` reconfiguration, graceful shutdown.
+A thin wrapper: the replica builds the same :class:`~edge_node.node.EdgeNode` as ``gazsi edge serve``
+(by default the fast front: N HTTP worker processes on the node's own port, the engine in the
+replica), joins the control plane through the detached actor and heartbeats. Serve only supervises
+it: health checks (the engine, every worker process, the listeners), ``user_config``
+reconfiguration (batching rules and limits reach every process in place), graceful shutdown (leave
+the tables, drain every worker).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
 from ray import serve
 
 from deployments._settings import apply_user_config, replica_settings
-from edge_node.agent import EdgeAgent, RayLink, node_facts
-from edge_node.dataplane.socket.app import create_app
-from edge_node.forwarding import PeerForwarding
-from edge_node.runtime import EdgeRuntime
-from gazsi_cluster.auth.factory import build_authorizer
-from gazsi_cluster.http.hardening import listener_options
-from gazsi_cluster.http.server import start_server
-from gazsi_cluster.routing import RoutingClient, RoutingTable, make_policy
+from edge_node.agent import RayLink
+from edge_node.node import EdgeNode
+from gazsi_cluster.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,71 +31,62 @@ def _advertised_host(bind_host: str) -> str:
     return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
 
 
+def _sized_to_replica(settings: Settings) -> Settings:
+    """The fast front's worker count from the CPUs Serve reserved for this replica (``num_cpus``).
+
+    Two of them stay with the engine's threads and the node's own loop; an operator's explicit
+    ``edge.workers`` wins. Sizing from the reservation, not the machine, keeps replicas that share a
+    node from oversubscribing it.
+    """
+    if settings.edge.workers or settings.edge.dataplane not in ("auto", "fast"):
+        return settings
+    import ray
+
+    cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+    settings.edge.workers = max(1, int(cpus) - 2)
+    return settings
+
+
+class EdgeReplica:
+    """The replica's logic, testable without Ray (``EdgeDeployment`` is this class as a Serve deployment)."""
+
+    def __init__(self, node: EdgeNode) -> None:
+        self.node = node
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch size, wait and limits change in place: no replica restart, no lost request."""
+        if not user_config:
+            return
+        self.node.reconfigure(apply_user_config(self.node.settings, user_config))
+        log.info("edge reconfigured: batcher=%s limits=%s", self.node.settings.batcher.model_dump(),
+                 self.node.settings.limits.model_dump())
+
+    async def check_health(self) -> None:
+        # Serve replaces the replica when this raises: the engine, every worker and the listeners count.
+        self.node.check_health()
+
+    async def info(self) -> dict[str, Any]:
+        return {"url": self.node.url, "node_id": self.node.node_id, **self.node.readiness()}
+
+
 @serve.deployment(name="Edge", max_ongoing_requests=256, health_check_period_s=2, health_check_timeout_s=10,
                   graceful_shutdown_timeout_s=20)
-class EdgeDeployment:
+class EdgeDeployment(EdgeReplica):
     # Serve awaits async constructors (replica.py: initialize_callable); mypy does not know that.
     async def __init__(  # type: ignore[misc]
         self, profile: str = "cpu", overrides: dict[str, Any] | None = None
     ) -> None:
         from control_plane import get_or_create_control_plane
 
-        self.settings = replica_settings(profile, overrides)
-        authorizer = build_authorizer(self.settings) if self.settings.auth.enabled else None
-        self.runtime = EdgeRuntime(self.settings, authorizer=authorizer)
-        await self.runtime.start(wait=True)
-        link = RayLink(get_or_create_control_plane(self.settings))
-        # The agent exists before the listener so the peer-forwarding layer can read its table;
-        # it joins (with the listener's real port) once the listener is up.
-        self.agent: EdgeAgent | None = None
-        self.peers = RoutingClient(lambda: self.agent.table if self.agent else RoutingTable.empty(),
-                                   make_policy(self.settings.control_plane.routing_policy))
-        app = PeerForwarding(
-            create_app(self.runtime, manage_lifespan=False), lambda: self.peers,
-            lambda: self.agent.node_id if self.agent else None,
-        )
-        self.listener = await start_server(
-            app, self.settings.edge.host, self.settings.edge.port,
-            # Header/time/connection limits; no TLS here, the gateway reaches replicas over http.
-            **listener_options(self.settings.limits),
-        )
-        port = self.listener.port
-        facts = node_facts(self.runtime, advertise=_advertised_host(self.settings.edge.host), port=port)
-        self.agent = EdgeAgent(self.runtime, link, facts=facts)
-        await self.agent.start()
-        self.url = f"http://{facts.address}:{port}"
-        log.info("edge replica serving at %s", self.url)
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Batch size, wait and limits change in place: no replica restart, no lost request."""
-        if not user_config:
-            return
-        new = apply_user_config(self.settings, user_config)
-        self.settings = new
-        self.runtime.settings.limits = new.limits
-        self.runtime.reconfigure(new.batcher)
-        log.info("edge reconfigured: batcher=%s", new.batcher.model_dump())
-
-    async def check_health(self) -> None:
-        # Serve restarts the replica when this raises: it must reflect the engine and batcher.
-        if not self.runtime.ready:
-            raise RuntimeError(f"edge not ready: {self.runtime.readiness()}")
-        engine = self.runtime.engine
-        if engine is None or not engine.healthy():
-            raise RuntimeError("engine unhealthy")
-        if not self.listener.alive:
-            raise RuntimeError("edge HTTP server stopped")
-
-    async def info(self) -> dict[str, Any]:
-        node_id = self.agent.node_id if self.agent else None
-        return {"url": self.url, "node_id": node_id, **self.runtime.readiness()}
+        settings = _sized_to_replica(replica_settings(profile, overrides))
+        link = RayLink(get_or_create_control_plane(settings))
+        node = EdgeNode(settings, link=link, advertise=_advertised_host(settings.edge.host))
+        super().__init__(node)
+        await node.start()
+        # RUNNING in Serve means ready to serve: wait for the model (the listeners already answer 503).
+        if node.runtime is not None:
+            await node.runtime.wait_loaded()
+        log.info("edge replica serving at %s (data plane %s: %s)", node.url, node.dataplane, node.dataplane_reason)
 
     async def __del__(self) -> None:
-        # Graceful shutdown: leave the routing tables first, then finish in-flight work.
-        if self.agent is not None:
-            with contextlib.suppress(Exception):
-                await self.agent.stop(say_goodbye=True)
-        self.runtime.draining = True
-        await self.listener.stop()
-        await self.peers.aclose()
-        await self.runtime.stop()
+        await self.node.stop()

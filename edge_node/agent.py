@@ -1,7 +1,6 @@
 """The edge side of the control plane: join, heartbeats with load, and the routing table.
 
-``EdgeAgent`` is what an Edge deployment (or ``gazsi edge serve``) starts next to its
-:class:`EdgeRuntime`. It speaks to the control plane through a link: :class:`HttpsLink` for
+``EdgeAgent`` is what an :class:`~edge_node.node.EdgeNode` starts once its listeners are up. It speaks to the control plane through a link: :class:`HttpsLink` for
 nodes outside the Ray cluster (join with the token over TLS, then mTLS with the issued
 certificate) or :class:`RayLink` for a node inside it (calls the detached actor by name).
 ``edge_node`` never imports ``control_plane``; both share only the wire models.
@@ -15,19 +14,19 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
-from edge_node.runtime import EdgeRuntime
-from gazsi_cluster import __version__
+from gazsi_cluster.config import ControlPlaneConfig
 from gazsi_cluster.errors import GazsiError, UnknownNode
 from gazsi_cluster.protocol import NodeFacts, NodeLoad
 from gazsi_cluster.routing.follower import TableFollower
 from gazsi_cluster.routing.table import RoutingTable
 
-__all__ = ["ControlPlaneLink", "EdgeAgent", "HttpsLink", "RayLink", "collect_load", "node_facts"]
+__all__ = ["ControlPlaneLink", "EdgeAgent", "HttpsLink", "LoadWindow", "RayLink", "latency_quantiles"]
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +132,7 @@ class RayLink:
         return None
 
 
-def node_facts(runtime: EdgeRuntime, *, node_id: str | None = None, advertise: str | None = None,
-               port: int | None = None) -> NodeFacts:
-    s = runtime.settings
-    engine = runtime.engine
-    return NodeFacts(
-        node_id=node_id, address=advertise or s.edge.host, port=port or s.edge.port, region=s.edge.region,
-        zone=s.edge.zone, engine_backend=engine.info.backend if engine else s.engine.backend,
-        models=[s.engine.model], max_batch_size=s.batcher.max_batch_size, version=__version__,
-    )
-
-
-class _Window:
+class LoadWindow:
     """Turns cumulative Prometheus counters/histograms into per-heartbeat rates and quantiles."""
 
     def __init__(self) -> None:
@@ -155,6 +143,17 @@ class _Window:
         d = value - self.prev.get(key, 0.0)
         self.prev[key] = value
         return max(0.0, d)
+
+    def elapsed(self) -> float:
+        now = time.monotonic()
+        elapsed, self.at = max(1e-3, now - self.at), now
+        return elapsed
+
+
+def latency_quantiles(window: LoadWindow, buckets: list[tuple[float, float]]) -> tuple[float, float]:
+    """(p50, p99) in ms over this window from cumulative ``(le, count)`` histogram buckets."""
+    counts = sorted((le, window.delta(f"lat{le}", c)) for le, c in buckets)
+    return _quantile(counts, 0.5), _quantile(counts, 0.99)
 
 
 def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
@@ -168,53 +167,22 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
     return 0.0
 
 
-def collect_load(runtime: EdgeRuntime, window: _Window | None = None) -> NodeLoad:
-    """The load to report, read from the runtime's batcher and metrics."""
-    w = window or _Window()
-    queue_depth = in_flight = 0
-    with contextlib.suppress(GazsiError):
-        batcher = runtime.service.batcher
-        queue_depth, in_flight = batcher.queue_depth, batcher.in_flight_requests
-    now = time.monotonic()
-    elapsed = max(1e-3, now - w.at)
-    w.at = now
-    reg = runtime.metrics.registry
-    tokens = w.delta("tokens", reg.get_sample_value("gazsi_tokens_total") or 0.0)
-    bsum = w.delta("bsum", reg.get_sample_value("gazsi_batch_size_sum") or 0.0)
-    bcount = w.delta("bcount", reg.get_sample_value("gazsi_batch_size_count") or 0.0)
-    buckets: list[tuple[float, float]] = []
-    for metric in runtime.metrics.stage_latency.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_bucket") and sample.labels.get("stage") == "total":
-                le = float(sample.labels["le"])
-                buckets.append((le, w.delta(f"lat{le}", sample.value)))
-    buckets.sort()
-    return NodeLoad(
-        queue_depth=queue_depth, in_flight=in_flight, mean_batch_size=(bsum / bcount) if bcount else 0.0,
-        p50_ms=_quantile(buckets, 0.5), p99_ms=_quantile(buckets, 0.99), tokens_per_s=tokens / elapsed,
-        draining=runtime.draining,
-    )
-
-
 class EdgeAgent:
     """Join, then heartbeat every interval; re-join when the control plane forgot this node.
 
-    >>> agent = EdgeAgent(runtime, HttpsLink(url, ca_file=ca, cert_dir=d))   # doctest: +SKIP
+    >>> agent = EdgeAgent(HttpsLink(url, ca_file=ca, cert_dir=d), facts, node.load, cfg)  # doctest: +SKIP
     >>> await agent.start(); ...; await agent.stop()                          # doctest: +SKIP
     """
 
-    def __init__(self, runtime: EdgeRuntime, link: ControlPlaneLink, *, facts: NodeFacts | None = None,
-                 token: str | None = None, interval_s: float | None = None) -> None:
-        cfg = runtime.settings.control_plane
-        self.runtime, self.link = runtime, link
-        self.facts = facts or node_facts(runtime)
-        self.token = token if token is not None else cfg.join_token
-        self.interval_s = interval_s or cfg.heartbeat_interval_s
+    def __init__(self, link: ControlPlaneLink, facts: NodeFacts, load: Callable[[], NodeLoad],
+                 config: ControlPlaneConfig, *, token: str | None = None, interval_s: float | None = None) -> None:
+        self.link, self.facts, self.load = link, facts, load
+        self.token = token if token is not None else config.join_token
+        self.interval_s = interval_s or config.heartbeat_interval_s
         self.node_id: str | None = self.facts.node_id
-        self.follower = TableFollower(self.link.table, refresh_s=cfg.table_refresh_s)
+        self.follower = TableFollower(self.link.table, refresh_s=config.table_refresh_s)
         self.state = "new"
         self.failures = 0
-        self._window = _Window()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -235,7 +203,7 @@ class EdgeAgent:
         if self.node_id is None or self.state != "joined":
             await self.join()
         assert self.node_id is not None
-        load = collect_load(self.runtime, self._window)
+        load = self.load()
         try:
             reply = await self.link.heartbeat(self.node_id, load.model_dump())
         except UnknownNode:
@@ -273,7 +241,7 @@ class EdgeAgent:
             self._task = None
         if say_goodbye and self.node_id is not None and self.state == "joined":
             # A last heartbeat flagged draining takes the node out of tables at once.
-            load = collect_load(self.runtime, self._window).model_copy(update={"draining": True})
+            load = self.load().model_copy(update={"draining": True})
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.link.heartbeat(self.node_id, load.model_dump()), 2.0)
         await self.link.aclose()

@@ -74,7 +74,7 @@ MELLANOX_PCI_VENDOR = "0x15b3"
 # DOCA GPUNetIO's runtime library; its soname has moved between DOCA releases, so try each.
 DOCA_GPUNETIO_LIBS = ("libdoca_gpunetio.so", "libdoca_gpunetio.so.2", "libdoca_gpunetio.so.1")
 
-DataplaneMode = Literal["socket", "gpu", "gpunetio"]
+DataplaneMode = Literal["fast", "asgi", "gpu", "gpunetio"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,25 +144,25 @@ def choose_dataplane(
     doca: bool | None = None,
     sysfs_root: str | Path = "/sys",
 ) -> tuple[DataplaneMode, str]:
-    """Resolve ``edge.dataplane`` to the mode this node runs, and why.
+    """Resolve ``edge.dataplane`` to the transport this node runs, and why.
 
-    ``auto`` picks ``gpunetio`` only with a CUDA GPU, a Mellanox/NVIDIA SmartNIC and DOCA
-    GPUNetIO all present; otherwise ``socket``. Explicit modes are honoured (``gpunetio``
-    without its prerequisites falls back to ``socket``, ``gpu`` without a GPU too), always logged.
-    The probes can be injected (tests); unset ones are measured.
+    ``auto`` picks ``gpunetio`` only with a CUDA GPU, a Mellanox/NVIDIA SmartNIC and DOCA GPUNetIO
+    all present; otherwise ``fast``. ``fast`` and ``asgi`` are honoured as asked; ``gpu`` without a GPU
+    and ``gpunetio`` without its prerequisites fall back to ``fast``, always with the reason (logged,
+    and shown in ``/readyz``). The probes can be injected (tests); unset ones are measured.
 
-    >>> choose_dataplane("socket")
-    ('socket', 'requested socket')
+    >>> choose_dataplane("asgi")
+    ('asgi', 'requested asgi')
     """
-    if requested == "socket":
-        return "socket", "requested socket"
+    if requested in ("fast", "asgi"):
+        return _logged(requested, f"requested {requested}")  # type: ignore[arg-type]
     if requested not in ("auto", "gpu", "gpunetio"):
         raise ValueError(f"unknown data plane {requested!r}")
     n_gpu = cuda_device_count() if gpus is None else gpus
     if requested == "gpu":
         if n_gpu > 0:
             return _logged("gpu", "requested gpu; CUDA GPU present (host socket feed)")
-        return _logged("socket", "requested gpu but no CUDA GPU: falling back to socket")
+        return _logged("fast", "requested gpu but no CUDA GPU: falling back to fast")
     nics = find_smartnics(sysfs_root) if smartnics is None else list(smartnics)
     has_doca = doca_gpunetio_available() if doca is None else doca
     missing = [what for what, ok in (
@@ -172,7 +172,7 @@ def choose_dataplane(
     ) if not ok]
     if not missing:
         return _logged("gpunetio", f"{requested}: GPU, SmartNIC {nics[0].pci_address} and DOCA GPUNetIO present")
-    return _logged("socket", f"{requested}: falling back to socket: " + "; ".join(missing))
+    return _logged("fast", f"{requested}: fast front, because " + "; ".join(missing))
 
 
 def _logged(mode: DataplaneMode, reason: str) -> tuple[DataplaneMode, str]:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gazsi_cluster.errors import ConfigError
@@ -30,9 +30,11 @@ __all__ = [
     "Settings",
     "TLSConfig",
     "load_settings",
+    "settings_from_dump",
 ]
 
 EngineBackend = Literal["auto", "onnx-cpu", "torch-cuda", "tensorrt", "fake"]
+Dataplane = Literal["auto", "fast", "asgi", "gpu", "gpunetio"]
 
 
 class _Section(BaseModel):
@@ -93,10 +95,16 @@ class LimitsConfig(_Section):
         30.0, gt=0, description="Longest silence while a request body is being received; then the connection closes."
     )
     keep_alive_timeout_s: float = Field(30.0, gt=0, description="Idle keep-alive connections close after this.")
+    max_pipelined_requests: int = Field(
+        32, ge=1, le=1024,
+        description="Parsed, unanswered requests one connection may queue (HTTP/1.1 pipelining); beyond that "
+        "the connection is not read until replies go out.",
+    )
     max_connections_per_client: int = Field(
         2048, ge=0,
         description="Open connections one client address may hold (0 = no limit); more are answered 429 and "
-        "closed. Above the gateway's pool (1000) so a gateway is never cut off from an edge.",
+        "closed. Above the gateway's pool (1000) so a gateway is never cut off from an edge. The fast front "
+        "shares it out over its workers (ceil(limit / workers) each), so a node never holds more.",
     )
 
 
@@ -153,25 +161,32 @@ class TLSConfig(_Section):
 
 
 class EdgeConfig(_Section):
+    @field_validator("dataplane", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if value == "socket":
+            raise ValueError("edge.dataplane 'socket' was split in two: use 'fast' (multi-process, the default) "
+                             "or 'asgi' (one FastAPI process)")
+        return value
+
     host: str = Field("127.0.0.1", description="Bind address of the edge data plane.")
     port: int = Field(8000, ge=0, le=65535, description="Port of the edge data plane (0 = any free one).")
-    dataplane: Literal["auto", "socket", "gpu", "gpunetio"] = Field(
-        "auto", description="auto picks gpunetio only with GPU + SmartNIC + DOCA, else socket."
-    )
-    api_port: int | None = Field(
-        None, ge=0, le=65535,
-        description="gpu data plane only: port of the FastAPI routes (/v1/embeddings, /readyz, /metrics); "
-        "None = port + 1.",
-    )
-    # Added for the fast socket front (issue 8); all optional, 0 workers keeps the single FastAPI process.
-    workers: int = Field(
-        0, ge=0, le=256,
-        description="socket data plane: 0 = one FastAPI process; N = N HTTP worker processes (SO_REUSEPORT) "
-        "feeding one engine process through a shared-memory ring; FastAPI keeps /readyz, /metrics and "
-        "admin routes on admin_port.",
+    dataplane: Dataplane = Field(
+        "auto",
+        description="How the node serves HTTP. fast = N httptools worker processes feeding the engine through "
+        "a shared-memory ring (the default everywhere); asgi = one FastAPI/uvicorn process; gpu = HTTP parsed "
+        "and answered by CUDA kernels, fed from host sockets; gpunetio = the gpu plane with DOCA GPUNetIO "
+        "receive. auto = gpunetio when GPU + SmartNIC + DOCA are all present, else fast.",
     )
     admin_port: int | None = Field(
-        None, ge=0, le=65535, description="fast front only: port of the FastAPI app in the engine process; None = port + 1."
+        None, ge=0, le=65535,
+        description="fast and gpu data planes: port of the operator app (/readyz, /metrics, /admin, OpenAPI); "
+        "None = port + 1 (any free port when port is 0). The asgi data plane serves them on its own port.",
+    )
+    workers: int = Field(
+        0, ge=0, le=256,
+        description="fast data plane: HTTP worker processes (SO_REUSEPORT); 0 = from the CPUs this process "
+        "may use (all but two, at least one).",
     )
     ring_slots_per_worker: int = Field(
         64, ge=1, le=4096, description="fast front: requests (chunks) one worker may have in flight; more get 429."
@@ -179,12 +194,6 @@ class EdgeConfig(_Section):
     ring_slot_inputs: int = Field(32, ge=1, le=4096, description="fast front: inputs one ring slot carries.")
     ring_slot_tokens: int = Field(
         4096, ge=512, description="fast front: tokens one ring slot carries (bigger requests span several slots)."
-    )
-    # Added for issue 8 round 2 (fast front performance); defaults are the measured winners.
-    ring_batcher: Literal["slots", "asyncio"] = Field(
-        "slots", description="fast front: 'slots' = the engine process batches whole ring slots in its own "
-        "threads (edge_node/dataplane/fast/slot_batcher.py); 'asyncio' = round 1's path through the Batcher "
-        "on the event loop. The response cache always takes the asyncio path.",
     )
     worker_tokenizer_threads: int = Field(
         1, ge=0, le=256, description="fast front: Rust (rayon) threads each HTTP worker's tokenizer may use "
@@ -345,3 +354,15 @@ def load_settings(
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
     return settings
+
+
+def settings_from_dump(data: dict[str, Any]) -> Settings:
+    """Exactly the settings ``Settings.model_dump(mode="json")`` produced: no file, no env on top.
+
+    A node hands its settings to its worker processes this way, so every process of a node runs with
+    the same values even if the environment differs.
+    """
+    try:
+        return _ExplicitSettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -6,9 +6,12 @@ built as plain dicts on the hot path and these models document their shape in Op
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from gazsi_cluster.errors import InvalidRequest
 
 __all__ = [
     "EmbeddingData",
@@ -22,6 +25,8 @@ __all__ = [
     "NodeFacts",
     "NodeLoad",
     "Usage",
+    "decode_body",
+    "invalid_request",
 ]
 
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
@@ -112,7 +117,7 @@ class NodeFacts(BaseModel):
     zone: str = Field("local-a", max_length=64)
     gpu_model: str | None = Field(None, max_length=128)
     gpu_memory_mb: int | None = Field(None, ge=0)
-    dataplane: Literal["socket", "gpu", "gpunetio"] = "socket"
+    dataplane: Literal["fast", "asgi", "gpu", "gpunetio"] = "fast"
     engine_backend: str = Field(..., max_length=32)
     models: list[str] = Field(..., min_length=1, max_length=64)
     max_batch_size: int = Field(..., ge=1)
@@ -134,3 +139,33 @@ class NodeLoad(BaseModel):
     gpu_utilization: float | None = Field(None, ge=0, le=100)
     cache_hit_rate: float = Field(0.0, ge=0, le=1)
     draining: bool = False
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def invalid_request(errors: list[Any]) -> InvalidRequest:
+    """A pydantic error list as one :class:`InvalidRequest`: the top-level field is the param (OpenAI style)."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header")]
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("We could not parse the JSON body of your request.")
+    msg = first.get("msg", "invalid request")
+    return InvalidRequest(f"{'.'.join(loc)}: {msg}" if loc else msg, param=loc[0] if loc else None)
+
+
+def decode_body(model: type[M], body: bytes) -> M:
+    """Parse and validate a JSON request body; every failure is a 400 with the offending field.
+
+    >>> decode_body(EmbeddingRequest, b'{"model": "m", "input": "hi"}').input
+    'hi'
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        where = str(exc).split(" (char ")[0]
+        raise InvalidRequest(f"We could not parse the JSON body of your request ({where}).") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_request(list(exc.errors())) from None

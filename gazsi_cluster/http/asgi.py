@@ -8,8 +8,6 @@ the byte-level transports give the same status and body for the same mistake.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,28 +24,19 @@ from gazsi_cluster.errors import (
 )
 from gazsi_cluster.http.errors import error_reply
 from gazsi_cluster.http.wire import HttpReply
+from gazsi_cluster.protocol import invalid_request
 
-__all__ = ["install_error_handlers", "reply_response", "to_response", "translate", "validation_error"]
+__all__ = ["install_error_handlers", "reply_response", "to_response", "translate"]
 
 _BY_STATUS: dict[int, type[GazsiError]] = {
     401: AuthenticationError, 403: PermissionDenied, 404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge,
 }
 
 
-def validation_error(errors: list[Any]) -> InvalidRequest:
-    """A pydantic/FastAPI error list as one :class:`InvalidRequest`: the top-level field is the param."""
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header")]
-    if first.get("type") == "json_invalid":
-        return InvalidRequest("We could not parse the JSON body of your request.")
-    msg = first.get("msg", "invalid request")
-    return InvalidRequest(f"{'.'.join(loc)}: {msg}" if loc else msg, param=loc[0] if loc else None)
-
-
 def translate(exc: BaseException) -> BaseException:
     """FastAPI's and Starlette's exceptions as ours; anything else unchanged."""
     if isinstance(exc, RequestValidationError):
-        return validation_error(list(exc.errors()))
+        return invalid_request(list(exc.errors()))
     if isinstance(exc, StarletteHTTPException):
         cls = _BY_STATUS.get(exc.status_code, InvalidRequest)
         return cls(exc.detail if isinstance(exc.detail, str) else "request failed")

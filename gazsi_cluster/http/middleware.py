@@ -17,10 +17,18 @@ RequestObserver = Callable[[str, int, float, float], None]  # (route, status, se
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413 before they are read into memory."""
+    """Refuse bodies over ``max_bytes`` with 413 before they are read into memory.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    ``max_bytes`` may be a callable, read per request, so a reconfigured limit applies at once.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int | Callable[[], int]) -> None:
+        self.app = app
+        self._max = max_bytes if callable(max_bytes) else (lambda: max_bytes)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

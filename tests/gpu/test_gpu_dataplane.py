@@ -11,7 +11,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
-from edge_node.dataplane.gpu import _layout as L
+from edge_node.transports.gpu import _layout as L
 
 cp = pytest.importorskip("cupy", reason="CuPy is not installed (GPU data plane tests need a CUDA GPU)")
 try:
@@ -23,9 +23,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_N_GPU == 0, reason="no CUDA G
 
 @pytest.mark.timeout(120)
 def test_ring_under_concurrent_gpu_producers_consumers_and_cpu_owner() -> None:
-    from edge_node.dataplane.gpu.control import MappedBuffer
-    from edge_node.dataplane.gpu.ring import HostRing
-    from edge_node.dataplane.gpu.server import _ring_module
+    from edge_node.transports.gpu.control import MappedBuffer
+    from edge_node.transports.gpu.ring import HostRing
+    from edge_node.transports.gpu.server import _ring_module
 
     mem = MappedBuffer(L.RING_BYTES)
     ring = HostRing(mem.array)
@@ -68,86 +68,99 @@ def _model_dir() -> Path | None:
     return None
 
 
-def _runtime(tmp_path: Path):  # type: ignore[no-untyped-def]
+_NUM = re.compile(rb'"inference_time_us":(\d+)')
+
+
+def _exchange(port: int, raw: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.timeout(180)
+async def test_gpu_transport_answers_byte_for_byte_like_the_fast_front(tmp_path: Path) -> None:
+    """The same request, the same bytes: the kernels build what the one renderer writes (timings aside)."""
+    import httpx
+
+    from edge_node.encode import inference_body
     from edge_node.engines.fake import FakeEngine
-    from edge_node.runtime import EdgeRuntime
-    from gazsi_cluster.config import load_settings
+    from tests.support.edge import running_node
 
     engine: dict[str, object] = {"backend": "fake"}
     if _model_dir() is not None:
         engine["model_dir"] = str(_model_dir())
     # No response cache: both planes must run the engine for every request to compare bodies.
-    settings = load_settings(data_dir=tmp_path, engine=engine, cache={"enabled": False})
-    return EdgeRuntime(settings, engine=FakeEngine())
-
-
-_NUM = re.compile(rb'"inference_time_us":(\d+)')
-
-
-@pytest.mark.timeout(120)
-async def test_gpu_plane_bodies_equal_socket_plane_bodies(tmp_path: Path) -> None:
-    import httpx
-
-    from edge_node.dataplane.gazsi_json import inference_body
-    from edge_node.dataplane.gpu.server import GpuDataplane
-    from edge_node.dataplane.socket.app import create_app
-    from tests.support.asgi import serve_on_loopback
-
-    runtime = _runtime(tmp_path)
-    await runtime.start(wait=True)
-    plane = GpuDataplane(runtime, capacity=256)
-    plane.start()
-    await plane.serve("127.0.0.1", 0)
-    texts = ["hello world", 'quote " back\\slash', "ctrl \x01\x1f\t", "naïve 日本語 😀", "x" * 1500, "a+b=c&d"]
-    try:
-        async with serve_on_loopback(create_app(runtime, manage_lifespan=False)) as url, \
-                httpx.AsyncClient(base_url=url, timeout=30) as sock_c, \
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{plane.port}", timeout=30) as gpu_c:
-            for text in texts:
-                target = f"/inference?d={quote(text, safe='')}"
-                a, b = await sock_c.get(target), await gpu_c.get(target)
-                assert (a.status_code, b.status_code) == (200, 200), (text, b.content[:200])
-                # inference_time_us is a measured duration and differs run to run; all else is byte-equal.
-                assert _NUM.sub(b"#", a.content) == _NUM.sub(b"#", b.content), (a.content, b.content)
-                got = b.json()
-                assert got["input"] == text and got["batch_size"] == 1
-                vec = runtime.engine.embed_sequences(runtime.service.tokenizer.encode([text]))[0]
-                assert b.content == inference_body(text, got["tokens"], vec[:3], got["inference_time_us"], 1)
-            for path in ("/index.", "/contacts.", "/nope", "/inference"):
-                a, b = await sock_c.get(path), await gpu_c.get(path)
-                assert a.status_code == b.status_code, path
-                if path != "/inference":
-                    assert a.content == b.content, path
-                else:  # missing d: 400 on both, the messages differ (the kernel does not say why)
-                    assert b.json()["error"]["type"] == a.json()["error"]["type"] == "invalid_request_error"
-            # A broken escape: the kernel (strict, as the reference parser) says 400; Starlette's
-            # query parsing keeps "%ZZ" literally and the socket path embeds it (a known difference).
+    common = {"engine": engine, "cache": {"enabled": False}}
+    gpu_engine = FakeEngine()
+    async with running_node(tmp_path / "gpu", dataplane="gpu", engine=gpu_engine, **common) as gpu, \
+            running_node(tmp_path / "fast", dataplane="fast", engine=FakeEngine(), workers=1, **common) as fast:
+        assert gpu.dataplane == "gpu", gpu.dataplane_reason
+        texts = ["hello world", 'quote " back\\slash', "ctrl \x01\x1f\t", "naïve 日本語 😀", "x" * 1500, "a+b=c&d"]
+        for text in texts:
+            raw = f"GET /inference?d={quote(text, safe='')} HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n".encode()
+            a = await asyncio.to_thread(_exchange, fast.port, raw)
+            b = await asyncio.to_thread(_exchange, gpu.port, raw)
+            assert a.startswith(b"HTTP/1.1 200") and b.startswith(b"HTTP/1.1 200"), (text, b[:200])
+            # inference_time_us is a measured duration (and sets the length): all else is byte-equal.
+            head_a, _, body_a = a.partition(b"\r\n\r\n")
+            head_b, _, body_b = b.partition(b"\r\n\r\n")
+            assert _NUM.sub(b"#", body_a) == _NUM.sub(b"#", body_b), (body_a, body_b)
+            cut = re.compile(rb"content-length: \d+")
+            assert cut.sub(b"", head_a) == cut.sub(b"", head_b), (head_a, head_b)
+        for raw in (b"GET /index. HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
+                    b"GET /contacts. HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
+                    b"GET /nope HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
+                    b"PUT /index. HTTP/1.1\r\nHost: e\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"):
+            a = await asyncio.to_thread(_exchange, fast.port, raw)
+            b = await asyncio.to_thread(_exchange, gpu.port, raw)
+            assert a == b, (raw, a, b)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gpu.port}", timeout=30) as gpu_c:
+            r = await gpu_c.get("/inference", params={"d": "hello world"})
+            got = r.json()
+            assert got["input"] == "hello world" and got["batch_size"] >= 1
+            tok = gpu.pipeline.rules.tokenizer  # type: ignore[union-attr]
+            vec = gpu_engine.embed_sequences(tok.encode(["hello world"]))[0]
+            assert r.content == inference_body("hello world", got["tokens"], vec[:3], got["inference_time_us"],
+                                               got["batch_size"])
+            # A broken escape: the kernel (strict, as the reference parser) says 400.
             bad = await gpu_c.get("/inference?d=%ZZ")
             assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-            a, b = await sock_c.put("/index."), await gpu_c.put("/index.")
-            assert a.status_code == b.status_code == 405 and a.content == b.content
             head = await gpu_c.head(f"/inference?d={quote('hi')}")
             assert head.status_code == 200 and head.content == b""
 
-            # Many concurrent clients: more requests than ring slots. Each gets its own answer
-            # (or a fast 429 when every slot is busy), and the ring ends clean.
+            # Many concurrent clients: more requests than ring slots. Each gets its own answer (or a 429
+            # with Retry-After when every slot is busy), and the ring ends clean.
             async def one(i: int) -> tuple[int, bytes]:
-                r = await gpu_c.get(f"/inference?d=item%20{i}")
+                r = await gpu_c2.get(f"/inference?d=item%20{i}")
                 return r.status_code, r.content
 
-            gpu_c2 = httpx.AsyncClient(base_url=f"http://127.0.0.1:{plane.port}", timeout=30,
-                                       limits=httpx.Limits(max_connections=300))
-            async with gpu_c2:
-                gpu_c = gpu_c2
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gpu.port}", timeout=30,
+                                         limits=httpx.Limits(max_connections=300)) as gpu_c2:
                 replies = await asyncio.gather(*[one(i) for i in range(600)])
             ok = [(i, body) for i, (st, body) in enumerate(replies) if st == 200]
             assert all(st in (200, 429) for st, _ in replies)
             assert len(ok) >= 300
             for i, body in ok:
                 assert body.startswith(b'{"input":"item %d"' % i)
+        plane = gpu.transport.plane  # type: ignore[attr-defined]
         counts = plane.ring.counts()
         assert counts["errors"] == 0 and counts["FREE"] == L.RING_N
         assert plane.stats["bursts"] < plane.stats["requests"]  # heads really shared launches
-    finally:
-        await plane.stop()
-        await runtime.stop()
+
+
+def test_gpu_transport_refuses_tls_and_says_why(tmp_path: Path) -> None:
+    from edge_node.node import EdgeNode
+    from gazsi_cluster.config import load_settings
+    from gazsi_cluster.errors import ConfigError
+    from gazsi_cluster.tls import create_deployment_certs
+
+    certs = create_deployment_certs(tmp_path / "tls")
+    settings = load_settings(data_dir=str(tmp_path), engine={"backend": "fake"}, edge={
+        "dataplane": "gpu", "tls": {"certfile": str(certs.server_cert), "keyfile": str(certs.server_key)}})
+    with pytest.raises(ConfigError, match="cannot serve TLS"):
+        EdgeNode(settings)

@@ -8,9 +8,9 @@ import h11
 import numpy as np
 import pytest
 
-from edge_node.dataplane.gpu import _layout as L
-from edge_node.dataplane.gpu._compare import normalise, row_to_parsed
-from edge_node.dataplane.gpu._reference import parse_reference
+from edge_node.transports.gpu import _layout as L
+from edge_node.transports.gpu._compare import normalise, row_to_parsed
+from edge_node.transports.gpu._reference import parse_reference
 from tests.support.http_fuzz import fuzz_requests
 
 cp = pytest.importorskip("cupy", reason="CuPy is not installed (GPU data plane tests need a CUDA GPU)")
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_N_GPU == 0, reason="no CUDA G
 
 @pytest.fixture(scope="module")
 def engine():  # type: ignore[no-untyped-def]
-    from edge_node.dataplane.gpu.kernels import GpuHttpEngine
+    from edge_node.transports.gpu.kernels import GpuHttpEngine
 
     return GpuHttpEngine(1024)
 
@@ -49,8 +49,8 @@ def test_parse_kernel_matches_reference_on_fuzzed_requests(engine) -> None:  # t
 
 
 def test_built_responses_parse_back_and_match_socket_body(engine) -> None:  # type: ignore[no-untyped-def]
-    from edge_node.dataplane.gazsi_json import inference_body
-    from edge_node.dataplane.gpu.kernels import jobs_for
+    from edge_node.encode import inference_body
+    from edge_node.transports.gpu.kernels import jobs_for
 
     texts = ["hello world", 'quote " back\\slash', "ctrl \x01\x1f\t\n\r", "naïve 日本語 😀", "a" * L.D_MAX]
     from urllib.parse import quote
@@ -84,7 +84,7 @@ def test_built_responses_parse_back_and_match_socket_body(engine) -> None:  # ty
         assert head.status_code == status
         if i < len(texts):
             assert body == inference_body(texts[i], tokens[i], samples[i], infer_us[i], batch[i])
-    assert responses[5].endswith(__import__("edge_node.dataplane.socket.pages", fromlist=["x"]).INDEX_HTML)
+    assert responses[5].endswith(__import__("edge_node.pages", fromlist=["x"]).INDEX_HTML)
     assert responses[6][-4:] == b"\r\n\r\n"  # HEAD: headers only
     assert b'"message":"Not Found"' in responses[7] and b"405 Method Not Allowed" in responses[8]
     assert b"connection: close" in responses[9]
@@ -92,7 +92,7 @@ def test_built_responses_parse_back_and_match_socket_body(engine) -> None:  # ty
 
 @pytest.mark.parametrize("mode", ["launch", "persistent", "memops"])
 def test_control_flow_mode_start_run_stop(mode: str) -> None:
-    from edge_node.dataplane.gpu.control import make_runner
+    from edge_node.transports.gpu.control import make_runner
 
     runner = make_runner(mode, 1024, timeout_s=10.0)
     try:
@@ -110,7 +110,7 @@ def test_control_flow_mode_start_run_stop(mode: str) -> None:
 
 
 def test_persistent_kernel_exits_on_its_own_when_idle() -> None:
-    from edge_node.dataplane.gpu.control import PersistentRunner
+    from edge_node.transports.gpu.control import PersistentRunner
 
     runner = PersistentRunner(64, max_idle_s=0.2, timeout_s=10.0)
     runner.start()

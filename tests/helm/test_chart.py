@@ -149,7 +149,7 @@ def test_default_values_bring_up_everything(render: Render) -> None:
     assert nic_container["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
     assert {"name": "hugepages", "emptyDir": {"medium": "HugePages-2Mi"}} in nic["template"]["spec"]["volumes"]
     gpu_container = workers["gpu"]["template"]["spec"]["containers"][0]
-    assert _env(gpu_container)["GAZSI_EDGE__DATAPLANE"] == "socket"
+    assert _env(gpu_container)["GAZSI_EDGE__DATAPLANE"] == "fast"
     assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "hugepages-2Mi" not in gpu_container["resources"]["limits"]
     for g in workers.values():

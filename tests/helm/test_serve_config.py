@@ -115,10 +115,11 @@ def test_explicit_overrides_win(render: Render, tmp_path: Path) -> None:
     assert cfg == expected_serve_config(_values([overrides]))
     deps = {d["name"]: d for d in cfg["applications"][0]["deployments"]}
     assert deps["Edge"]["num_replicas"] == 5
-    assert deps["Edge"]["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 0.5}
+    assert deps["Edge"]["ray_actor_options"] == {"num_cpus": 12, "num_gpus": 0.5}
     # Deep merge: the file's other batcher settings stay.
     assert deps["Edge"]["user_config"]["batcher"] == {
-        "max_batch_size": 128, "max_wait_us": 250, "queue_capacity": 1024, "pipeline_depth": 2}
+        "max_batch_size": 512, "max_wait_us": 250, "max_batch_tokens": 65536, "queue_capacity": 16384,
+        "max_queued_tokens": 16000000, "pipeline_depth": 2}
     assert deps["Gateway"]["ray_actor_options"]["num_cpus"] == 2
     assert cfg["http_options"] == {"host": "0.0.0.0", "port": 9000}
     assert cfg["proxy_location"] == "HeadOnly"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from urllib.parse import quote
 
-from edge_node.dataplane.gpu import _layout as L
+from edge_node.transports.gpu import _layout as L
 
 __all__ = ["MUTATIONS", "fuzz_requests", "valid_request"]
 

@@ -1,7 +1,7 @@
 /* Host build of the GPU parser's shared helpers (http_kernels.cu without __CUDACC__), with the
    kernel's framing steps done sequentially, so the helpers can be checked against the CPU
    reference on machines without a GPU. The warp-parallel framing itself is tested on the GPU. */
-#include "../../edge_node/dataplane/gpu/http_kernels.cu"
+#include "../../edge_node/transports/gpu/http_kernels.cu"
 
 int gz_host_parse(const u8* b, int len, int* out, u8* dout) {
     int hkind[GZ_MAX_HEADERS], hoff[GZ_MAX_HEADERS], hlen[GZ_MAX_HEADERS], starts[GZ_MAX_HEADERS + 2];

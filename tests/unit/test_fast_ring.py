@@ -1,4 +1,4 @@
-"""The fast front's shared-memory ring and the worker's request logic, without sockets or processes."""
+"""The fast front's shared-memory ring and the worker's ring embedder, without sockets or processes."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-import orjson
 import pytest
 
-from edge_node.dataplane.fast.ring import (
+from edge_node.embedders import Timing
+from edge_node.transports.fast.ring import (
     DOWN_MARKER,
+    ENGINE_FAILED,
     ENGINE_LOADING,
     ENGINE_UP,
     RingLayout,
@@ -20,13 +21,8 @@ from edge_node.dataplane.fast.ring import (
     pack_indices,
     unpack_indices,
 )
-from edge_node.dataplane.fast.worker import FrontApp
-from edge_node.tokenization import TextTokenizer
-from gazsi_cluster.auth import AllowAll, Principal
-from gazsi_cluster.config import load_settings
-from gazsi_cluster.errors import AuthenticationError, RateLimited
-from gazsi_cluster.http.asgi import to_response
-from gazsi_cluster.model import load_model_spec
+from edge_node.transports.fast.ring_embedder import RingEmbedder
+from gazsi_cluster.errors import DeadlineExceeded, EngineError, Overloaded, ServiceUnavailable
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
@@ -72,110 +68,118 @@ def test_request_and_result_round_trip_through_an_attached_view(ring: SlotRing) 
         other.close()
 
 
-class _Denied:
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
-
-    async def authorize(self, authorization: str | None, *, model: str | None = None, admin: bool = False) -> Principal:
-        raise self.exc
-
-    async def record_usage(self, principal: Principal, *, model: str, tokens: int) -> None:
-        return None
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> TextTokenizer:
-    spec = load_model_spec("all-MiniLM-L6-v2")
-    return TextTokenizer(spec.path, 256)
-
-
-def _front(ring: SlotRing, tokenizer: TextTokenizer, authorizer: object = None) -> tuple[FrontApp, int]:
+def _embedder(ring: SlotRing, timeout_s: float = 2.0) -> tuple[RingEmbedder, int]:
     r, w = os.pipe()
     os.set_blocking(r, False)
-    settings = load_settings(None, auth={"enabled": False}, batcher={"request_timeout_s": 2.0})
-    app = FrontApp(settings, ring, 0, w, tokenizer, authorizer or AllowAll())  # type: ignore[arg-type]
-    return app, r
+    return RingEmbedder(ring, 0, w, timeout_s), r
 
 
-async def _engine_once(app: FrontApp, ring: SlotRing, req_fd: int) -> None:
-    """A stand-in engine: answer every queued slot with a constant vector."""
+async def _engine_once(emb: RingEmbedder, ring: SlotRing, req_fd: int) -> list[int]:
+    """A stand-in node: answer every queued slot with a constant vector."""
     for _ in range(200):
         try:
             data = os.read(req_fd, 4096)
         except BlockingIOError:
             await asyncio.sleep(0.005)
             continue
-        for slot in unpack_indices(data):
+        slots = unpack_indices(data)
+        for slot in slots:
             n = int(ring.meta[slot, 1])
             ring.write_result(slot, np.ones((n, 8), np.float32) / np.sqrt(8), 1, 10, None)
-        app.on_responses(data)
-        return
+        emb.on_responses(data)
+        return slots
+    raise AssertionError("nothing was sent through the ring")
 
 
-async def test_inference_goes_through_the_ring(ring: SlotRing, tokenizer: TextTokenizer) -> None:
+def _seqs(*lengths: int) -> list[np.ndarray]:
+    return [np.arange(1, n + 1, dtype=np.int64) for n in lengths]
+
+
+async def test_embedding_goes_through_the_ring(ring: SlotRing) -> None:
     ring.set_state(ENGINE_UP, generation=1)
-    app, req_fd = _front(ring, tokenizer)
-    task = asyncio.create_task(app.handle("GET", b"/inference?d=hello%20there", {}, b""))
-    await _engine_once(app, ring, req_fd)
-    status, body, _ = await task
-    assert status == 200
-    assert orjson.loads(body)["tokens"] == 4
-    assert len(app._free) == LAYOUT.slots_per_worker  # the slot came back
+    emb, req_fd = _embedder(ring)
+    task = asyncio.create_task(emb.embed(_seqs(4, 2), Timing()))
+    await _engine_once(emb, ring, req_fd)
+    done = await task
+    assert done.vectors.shape == (2, 8) and done.batch_size == 1 and done.inference_us == 10
+    assert len(emb._free) == LAYOUT.slots_per_worker  # the slot came back
 
 
-async def test_no_free_slot_is_429_at_once(ring: SlotRing, tokenizer: TextTokenizer) -> None:
+async def test_a_request_larger_than_a_slot_spans_several(ring: SlotRing) -> None:
     ring.set_state(ENGINE_UP, generation=1)
-    app, _ = _front(ring, tokenizer)
-    app._free.clear()
-    status, body, headers = await app.handle("GET", b"/inference?d=x", {}, b"")
-    assert status == 429 and ("retry-after", "1") in headers
-    assert orjson.loads(body)["error"]["code"] == "overloaded"
+    emb, req_fd = _embedder(ring)
+    task = asyncio.create_task(emb.embed(_seqs(*([3] * 6)), Timing()))  # 6 inputs, 4 per slot
+    for _ in range(2):
+        await _engine_once(emb, ring, req_fd)
+    assert (await task).vectors.shape == (6, 8)
 
 
-async def test_engine_down_marker_fails_in_flight_with_503(ring: SlotRing, tokenizer: TextTokenizer) -> None:
+async def test_no_free_slot_is_429_at_once(ring: SlotRing) -> None:
     ring.set_state(ENGINE_UP, generation=1)
-    app, _ = _front(ring, tokenizer)
-    task = asyncio.create_task(app.handle("GET", b"/inference?d=x", {}, b""))
+    emb, _ = _embedder(ring)
+    emb._free.clear()
+    with pytest.raises(Overloaded):
+        await emb.embed(_seqs(2), Timing())
+
+
+async def test_down_marker_fails_in_flight_with_503(ring: SlotRing) -> None:
+    ring.set_state(ENGINE_UP, generation=1)
+    emb, _ = _embedder(ring)
+    task = asyncio.create_task(emb.embed(_seqs(2), Timing()))
     await asyncio.sleep(0.05)
-    app.on_responses(pack_indices([DOWN_MARKER]))
-    status, body, _ = await task
-    assert status == 503 and orjson.loads(body)["error"]["type"] == "service_unavailable"
-    assert len(app._free) == LAYOUT.slots_per_worker
+    emb.on_responses(pack_indices([DOWN_MARKER]))
+    with pytest.raises(ServiceUnavailable):
+        await task
+    assert len(emb._free) == LAYOUT.slots_per_worker
 
 
-async def test_loading_engine_is_503(ring: SlotRing, tokenizer: TextTokenizer) -> None:
-    ring.set_state(ENGINE_LOADING)
-    app, _ = _front(ring, tokenizer)
-    status, body, _ = await app.handle("GET", b"/inference?d=x", {}, b"")
-    assert status == 503 and "loading" in orjson.loads(body)["error"]["message"]
+@pytest.mark.parametrize(("state", "words"), [(ENGINE_LOADING, "loading"), (ENGINE_FAILED, "failed")])
+async def test_not_ready_is_503(ring: SlotRing, state: int, words: str) -> None:
+    ring.set_state(state)
+    emb, _ = _embedder(ring)
+    with pytest.raises(ServiceUnavailable, match=words):
+        await emb.embed(_seqs(2), Timing())
 
 
-@pytest.mark.parametrize("exc", [
-    AuthenticationError("Invalid API key"),
-    RateLimited("slow down", retry_after=3, headers={"X-RateLimit-Remaining-Requests": "0"}),
-])
-async def test_auth_errors_have_the_fastapi_shape(ring: SlotRing, tokenizer: TextTokenizer, exc: Exception) -> None:
+async def test_deadline_gives_504_cancels_the_slot_and_reclaims_it_when_answered(ring: SlotRing) -> None:
     ring.set_state(ENGINE_UP, generation=1)
-    app, _ = _front(ring, tokenizer, _Denied(exc))
-    body = orjson.dumps({"input": "x", "model": "all-MiniLM-L6-v2"})
-    status, out, headers = await app.handle("POST", b"/v1/embeddings", {"authorization": "Bearer k"}, body)
-    want = to_response(exc)
-    assert (status, out) == (want.status_code, bytes(want.body))
-    assert {k.lower() for k, _ in headers} == {k for k in want.headers if k not in ("content-length", "content-type")}
+    emb, req_fd = _embedder(ring, timeout_s=0.05)
+    with pytest.raises(DeadlineExceeded):
+        await emb.embed(_seqs(2), Timing())
+    assert len(emb._free) == LAYOUT.slots_per_worker - 1  # the node still owns it...
+    (slot,) = await _engine_once(emb, ring, req_fd)
+    assert ring.deadline[slot] == 0.0  # ...and was told to drop it (the batcher skips expired slots)
+    assert len(emb._free) == LAYOUT.slots_per_worker
 
 
-async def test_deadline_gives_504_and_slot_is_reclaimed_when_answered(ring: SlotRing, tokenizer: TextTokenizer) -> None:
+async def test_a_failed_slot_raises_the_error_the_node_wrote(ring: SlotRing) -> None:
     ring.set_state(ENGINE_UP, generation=1)
-    app, req_fd = _front(ring, tokenizer)
-    app.timeout_s = 0.05
-    status, _body, _ = await app.handle("GET", b"/inference?d=x", {}, b"")
-    assert status == 504
-    assert len(app._free) == LAYOUT.slots_per_worker - 1  # the engine still owns it
-    await _engine_once(app, ring, req_fd)
-    assert len(app._free) == LAYOUT.slots_per_worker
+    emb, req_fd = _embedder(ring)
+    task = asyncio.create_task(emb.embed(_seqs(2), Timing()))
+    for _ in range(100):
+        try:
+            data = os.read(req_fd, 4096)
+            break
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+    (slot,) = unpack_indices(data)
+    ring.write_error(slot, "Overloaded", "queue full", None, 2.0)
+    emb.on_responses(data)
+    with pytest.raises(Overloaded) as info:
+        await task
+    assert info.value.retry_after == 2.0
+    # A name that is not one of ours never becomes an arbitrary class: it is an engine error.
+    task = asyncio.create_task(emb.embed(_seqs(2), Timing()))
+    await asyncio.sleep(0.02)
+    data = os.read(req_fd, 4096)
+    (slot,) = unpack_indices(data)
+    ring.write_error(slot, "os", "nope", None, 0.0)
+    emb.on_responses(data)
+    with pytest.raises(EngineError):
+        await task
 
 
 def test_package_surface_is_pinned() -> None:
-    import edge_node.dataplane.fast as fast
+    import edge_node.transports.fast as fast
 
-    assert fast.__all__ == ["FastFront", "RingLayout", "SlotRing", "serve_fast"]
+    assert fast.__all__ == ["FastTransport", "RingLayout", "SlotRing", "default_workers"]

@@ -6,10 +6,11 @@ import asyncio
 
 import pytest
 
-from edge_node.dataplane.gpu import _layout as L
-from edge_node.dataplane.gpu.feed import FeedConnection, FeedLimits, HeadFramer
-from edge_node.dataplane.gpu.server import error_response, http_response
+from edge_node.transports.gpu import _layout as L
+from edge_node.transports.gpu.feed import FeedConnection, FeedLimits, HeadFramer
+from edge_node.transports.gpu.server import error_response
 from gazsi_cluster.errors import Overloaded
+from gazsi_cluster.http.wire import HttpReply, render
 
 pytestmark = pytest.mark.unit
 
@@ -61,7 +62,7 @@ def test_cpu_error_response_is_well_formed() -> None:
     assert dict(head.headers)[b"retry-after"] == b"2"
     body = conn.next_event()
     assert isinstance(body, h11.Data) and b'"code":"overloaded"' in body.data
-    assert http_response(404, b"{}", {}, False).endswith(b"connection: close\r\n\r\n{}")
+    assert render(HttpReply(404, b"{}"), keep_alive=False).endswith(b"connection: close\r\n\r\n{}")
 
 
 class _EchoSink:
@@ -74,7 +75,7 @@ class _EchoSink:
         self.heads.append(head)
         keep = b"close" not in head
         body = str(len(head)).encode()
-        asyncio.get_running_loop().call_soon(conn.respond, http_response(200, body, {}, keep), keep)
+        asyncio.get_running_loop().call_soon(conn.respond, render(HttpReply(200, body), keep_alive=keep), keep)
 
 
 @pytest.mark.timeout(20)

@@ -12,9 +12,9 @@ import h11
 import numpy as np
 import pytest
 
-from edge_node.dataplane.gpu import _layout as L
-from edge_node.dataplane.gpu._compare import normalise, row_to_parsed
-from edge_node.dataplane.gpu._reference import decode_d, parse_reference
+from edge_node.transports.gpu import _layout as L
+from edge_node.transports.gpu._compare import normalise, row_to_parsed
+from edge_node.transports.gpu._reference import decode_d, parse_reference
 from tests.support.http_fuzz import MUTATIONS, fuzz_requests
 
 pytestmark = pytest.mark.unit

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from edge_node.dataplane.gpu import _layout as L
-from edge_node.dataplane.gpu.ring import EmulatedGpuSide, HostRing, RingStateError
+from edge_node.transports.gpu import _layout as L
+from edge_node.transports.gpu.ring import EmulatedGpuSide, HostRing, RingStateError
 
 pytestmark = pytest.mark.unit
 

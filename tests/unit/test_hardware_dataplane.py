@@ -67,10 +67,10 @@ NIC = SmartNic("0000:3b:00.0", "0x101d", ("ens1f0np0",))
     ("gpus", "nics", "doca", "mode", "why"),
     [
         (1, [NIC], True, "gpunetio", "present"),
-        (0, [NIC], True, "socket", "no CUDA GPU"),
-        (1, [], True, "socket", "no SmartNIC"),
-        (1, [NIC], False, "socket", "DOCA GPUNetIO library not loadable"),
-        (0, [], False, "socket", "no CUDA GPU; no SmartNIC"),
+        (0, [NIC], True, "fast", "no CUDA GPU"),
+        (1, [], True, "fast", "no SmartNIC"),
+        (1, [NIC], False, "fast", "DOCA GPUNetIO library not loadable"),
+        (0, [], False, "fast", "no CUDA GPU; no SmartNIC"),
     ],
 )
 def test_auto_needs_all_three(gpus: int, nics: list[SmartNic], doca: bool, mode: str, why: str,
@@ -85,18 +85,19 @@ def test_auto_needs_all_three(gpus: int, nics: list[SmartNic], doca: bool, mode:
 def test_auto_reads_fake_sysfs(tmp_path: Path) -> None:
     _pci(tmp_path, "0000:3b:00.0", "0x15b3", "0x020000")
     assert choose_dataplane("auto", gpus=1, doca=True, sysfs_root=tmp_path)[0] == "gpunetio"
-    assert choose_dataplane("auto", gpus=1, doca=True, sysfs_root=tmp_path / "x")[0] == "socket"
+    assert choose_dataplane("auto", gpus=1, doca=True, sysfs_root=tmp_path / "x")[0] == "fast"
 
 
 def test_explicit_modes() -> None:
-    assert choose_dataplane("socket", gpus=8, smartnics=[NIC], doca=True) == ("socket", "requested socket")
+    assert choose_dataplane("fast", gpus=8, smartnics=[NIC], doca=True) == ("fast", "requested fast")
+    assert choose_dataplane("asgi", gpus=8, smartnics=[NIC], doca=True) == ("asgi", "requested asgi")
     assert choose_dataplane("gpu", gpus=1)[0] == "gpu"
-    assert choose_dataplane("gpu", gpus=0)[0] == "socket"
-    assert choose_dataplane("gpunetio", gpus=1, smartnics=[NIC], doca=False)[0] == "socket"
+    assert choose_dataplane("gpu", gpus=0)[0] == "fast"
+    assert choose_dataplane("gpunetio", gpus=1, smartnics=[NIC], doca=False)[0] == "fast"
     with pytest.raises(ValueError, match="unknown data plane"):
         choose_dataplane("rdma", gpus=1)
 
 
 def test_this_machine_has_no_gpunetio() -> None:
     # Real probes: no machine of this project has DOCA, so auto must never pick gpunetio here.
-    assert choose_dataplane("auto")[0] == "socket"
+    assert choose_dataplane("auto")[0] == "fast"

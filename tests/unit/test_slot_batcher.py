@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_node.dataplane.fast.ring import (
+from edge_node.engines.fake import FakeEngine
+from edge_node.transports.fast.ring import (
     ENGINE_UP,
     M_BATCH,
     M_STATUS,
@@ -23,8 +24,7 @@ from edge_node.dataplane.fast.ring import (
     pack_indices,
     unpack_indices,
 )
-from edge_node.dataplane.fast.slot_batcher import SlotBatcher
-from edge_node.engines.fake import FakeEngine
+from edge_node.transports.fast.slot_batcher import SlotBatcher
 from gazsi_cluster.config import BatcherConfig
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]

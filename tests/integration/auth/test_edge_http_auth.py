@@ -9,11 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from edge_node.dataplane.socket.app import create_app
 from edge_node.engines.fake import FakeEngine
-from edge_node.runtime import EdgeRuntime
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
+from tests.support.edge import running_node
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 MODEL = "all-MiniLM-L6-v2"
@@ -21,17 +20,12 @@ MODEL = "all-MiniLM-L6-v2"
 
 @pytest.fixture
 async def edge(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any, FakeEngine]]:
-    settings = load_settings(data_dir=str(tmp_path), engine={"backend": "fake"}, auth={"key_env": "test"})
     engine = FakeEngine()
-    authorizer = build_authorizer(settings)
-    runtime = EdgeRuntime(settings, engine=engine, authorizer=authorizer)
-    app = create_app(runtime, manage_lifespan=False)
-    await runtime.start(wait=True)
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client:
+    authorizer = build_authorizer(load_settings(data_dir=str(tmp_path), auth={"key_env": "test"}))
+    async with running_node(tmp_path, dataplane="asgi", engine=engine, authorizer=authorizer,
+                            auth={"key_env": "test"}) as node:
+        async with httpx.AsyncClient(base_url=node.url) as client:
             yield client, authorizer, engine
-    finally:
-        await runtime.stop()
 
 
 def auth(key: str) -> dict[str, str]:
@@ -73,12 +67,16 @@ async def test_401_403_429_bodies_and_headers(edge: tuple[httpx.AsyncClient, Any
 
 
 async def test_quota_exhaustion_is_429_insufficient_quota(edge: tuple[httpx.AsyncClient, Any, FakeEngine]) -> None:
-    client, authorizer, _ = edge
-    key = await authorizer.admin.create(name="quota", monthly_quota=3)
-    assert (await embed(client, key.key, "hello world")).status_code == 200  # >= 3 tokens with [CLS]/[SEP]
-    r = await embed(client, key.key, "again")
+    client, authorizer, engine = edge
+    key = await authorizer.admin.create(name="quota", monthly_quota=10)
+    for _ in range(2):  # 4 tokens each with [CLS]/[SEP]: 8 of 10
+        assert (await embed(client, key.key, "hello world", **{"Cache-Control": "no-cache"})).status_code == 200
+    calls = len(engine.calls)
+    # Charged before the work: 4 more would overdraw the 2 left, so it is refused and never runs.
+    r = await embed(client, key.key, "hello world", **{"Cache-Control": "no-cache"})
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
-    assert "Monthly token quota of 3 tokens" in r.json()["error"]["message"]
+    assert "Monthly token quota of 10 tokens" in r.json()["error"]["message"]
+    assert len(engine.calls) == calls
 
 
 async def test_admin_api_needs_admin_scope_and_never_returns_hashes(

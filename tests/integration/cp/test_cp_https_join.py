@@ -13,19 +13,16 @@ import pytest
 from control_plane.server import ControlPlaneServer
 from control_plane.service import ControlPlane
 from control_plane.state import NodeState
-from edge_node.agent import EdgeAgent, HttpsLink, node_facts
-from edge_node.engines.fake import FakeEngine
-from edge_node.runtime import EdgeRuntime
+from edge_node.agent import EdgeAgent, HttpsLink
 from gazsi_cluster.config import Settings
+from tests.support.agents import agent_for_link, facts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 def agent_for(settings: Settings, url: str, tmp: Path, name: str, port: int, interval: float = 0.2) -> EdgeAgent:
-    runtime = EdgeRuntime(settings, engine=FakeEngine())
-    facts = node_facts(runtime, node_id=name, advertise="127.0.0.1", port=port)
     link = HttpsLink(url, ca_file=tmp / "data" / "ca" / "ca.crt", cert_dir=tmp / name)
-    return EdgeAgent(runtime, link, facts=facts, token="join-s3cret", interval_s=interval)
+    return agent_for_link(settings, link, name, port, token="join-s3cret", interval_s=interval)
 
 
 async def test_join_heartbeat_table_admin_and_forgery(cp_settings: Settings, tmp_path: Path) -> None:
@@ -60,13 +57,13 @@ async def test_join_heartbeat_table_admin_and_forgery(cp_settings: Settings, tmp
             # No client certificate: heartbeats refused, joins need the token.
             r = await http.post(f"{server.url}/v1/heartbeat", json={"node_id": "edge-a", "load": load})
             assert r.status_code == 401
-            facts = node_facts(a.runtime, advertise="127.0.0.1", port=9100).model_dump()
-            r = await http.post(f"{server.url}/v1/join", json={"token": "wrong", "facts": facts})
+            facts_ = facts(port=9100).model_dump()
+            r = await http.post(f"{server.url}/v1/join", json={"token": "wrong", "facts": facts_})
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
             r = await http.post(f"{server.url}/v1/join", json={"token": "join-s3cret", "facts": {"port": 0}})
             assert r.status_code == 400
             # Duplicate id from another place while edge-a is alive: 409.
-            dup = {**facts, "node_id": "edge-a"}
+            dup = {**facts_, "node_id": "edge-a"}
             r = await http.post(f"{server.url}/v1/join", json={"token": "join-s3cret", "facts": dup})
             assert r.status_code == 409
             # Admin API and /v1/route.

@@ -13,19 +13,16 @@ import pytest
 from control_plane.server import ControlPlaneServer
 from control_plane.service import ControlPlane
 from control_plane.state import NodeState
-from edge_node.agent import EdgeAgent, HttpsLink, node_facts
-from edge_node.engines.fake import FakeEngine
-from edge_node.runtime import EdgeRuntime
+from edge_node.agent import EdgeAgent, HttpsLink
 from gazsi_cluster.config import Settings
+from tests.support.agents import agent_for_link
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def agent_for(settings: Settings, url: str, tmp: Path, name: str, port: int) -> EdgeAgent:
-    runtime = EdgeRuntime(settings, engine=FakeEngine())
     link = HttpsLink(url, ca_file=tmp / "data" / "ca" / "ca.crt", cert_dir=tmp / name)
-    return EdgeAgent(runtime, link, facts=node_facts(runtime, node_id=name, advertise="127.0.0.1", port=port),
-                     token="join-s3cret")
+    return agent_for_link(settings, link, name, port, token="join-s3cret")
 
 
 async def gazsi(*args: str, env: dict[str, str]) -> tuple[int, str, str]:

@@ -48,10 +48,9 @@ def test_actor_inside(tmp_path: Path) -> None:
     import ray
 
     from control_plane.actor import ACTOR_NAME, NAMESPACE, get_or_create_control_plane
-    from edge_node.agent import EdgeAgent, RayLink, node_facts
-    from edge_node.engines.fake import FakeEngine
-    from edge_node.runtime import EdgeRuntime
+    from edge_node.agent import RayLink
     from gazsi_cluster.config import load_settings
+    from tests.support.agents import agent_for_link
 
     settings = load_settings(data_dir=str(tmp_path), control_plane={"join_token": "t0k"})
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
@@ -64,9 +63,7 @@ def test_actor_inside(tmp_path: Path) -> None:
         assert ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)._actor_id == handle._actor_id
 
         async def edge_side() -> None:
-            runtime = EdgeRuntime(settings, engine=FakeEngine())
-            agent = EdgeAgent(runtime, RayLink(handle), facts=node_facts(runtime, node_id="ray-edge",
-                                                                          advertise="127.0.0.1", port=9000))
+            agent = agent_for_link(settings, RayLink(handle), "ray-edge", 9000)
             await agent.beat()
             await agent.beat()
             assert "ray-edge" in agent.table.by_id

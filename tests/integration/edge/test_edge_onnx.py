@@ -1,4 +1,5 @@
-"""The edge node end to end on loopback with the real model on ONNX Runtime CPU."""
+"""The edge node end to end on loopback with the real model on ONNX Runtime CPU, on every CPU transport,
+started the way users start it (`gazsi edge serve`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from edge_node.dataplane.socket.app import create_app
-from edge_node.runtime import EdgeRuntime
-from gazsi_cluster.config import load_settings
-from tests.support.asgi import serve_on_loopback
-
-from .conftest import wait_ready
+from edge_node.tokenization import TextTokenizer
+from gazsi_cluster.model import load_model_spec
+from tests.support.edge import TRANSPORTS, EdgeProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,25 +26,29 @@ TEXTS = [
 ]
 
 
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def served(request, edge_data_dir, tmp_path_factory):
+    cfg = tmp_path_factory.mktemp("onnx") / "edge.yaml"
+    cfg.write_text("limits: {max_inputs_per_request: 64, max_input_chars: 5000, max_body_bytes: 65536}\n")
+    proc = EdgeProcess(edge_data_dir, "--dataplane", request.param, "--workers", "2", "--backend", "onnx-cpu",
+                       "--no-auth", env={"GAZSI_CONFIG": str(cfg)})
+    yield proc
+    proc.stop()
+
+
 @pytest.fixture
-async def edge(edge_data_dir):
-    settings = load_settings(
-        data_dir=edge_data_dir,
-        engine={"backend": "onnx-cpu"},
-        limits={"max_inputs_per_request": 64, "max_input_chars": 5000, "max_body_bytes": 64 * 1024},
-    )
-    runtime = EdgeRuntime(settings)
-    async with serve_on_loopback(create_app(runtime)) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            await wait_ready(client)
-            yield url, client, runtime
+async def edge(served):
+    spec = load_model_spec(MODEL)
+    tokenizer = TextTokenizer(spec.path, 256)
+    async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+        yield served, client, tokenizer
 
 
 async def test_openai_client_matches_sentence_transformers(edge, reference_model) -> None:
     from openai import AsyncOpenAI
 
-    url, _, runtime = edge
-    oc = AsyncOpenAI(base_url=f"{url}/v1", api_key="any", max_retries=0)
+    served, _, tokenizer = edge
+    oc = AsyncOpenAI(base_url=f"{served.url}/v1", api_key="any", max_retries=0)
     # The official client asks for base64 by default and decodes it.
     got = await oc.embeddings.create(model=MODEL, input=TEXTS)
     vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
@@ -54,7 +56,7 @@ async def test_openai_client_matches_sentence_transformers(edge, reference_model
     assert [d.index for d in got.data] == list(range(len(TEXTS)))
     assert np.abs(vectors - ref).max() < 1e-4
     assert float((vectors * ref).sum(axis=1).min()) >= 0.9999
-    expected_tokens = sum(len(s) for s in runtime.service.tokenizer.encode(TEXTS))
+    expected_tokens = sum(len(s) for s in tokenizer.encode(TEXTS))
     assert got.usage.prompt_tokens == got.usage.total_tokens == expected_tokens
     assert expected_tokens < sum(len(t) for t in TEXTS)  # the long text really was truncated
 
@@ -82,8 +84,8 @@ async def test_base64_is_little_endian_float32(edge) -> None:
 
 
 async def test_token_id_input(edge, reference_model) -> None:
-    _, client, runtime = edge
-    ids = runtime.service.tokenizer.encode(["hello world"])[0][1:-1].tolist()  # no [CLS]/[SEP]
+    _, client, tokenizer = edge
+    ids = tokenizer.encode(["hello world"])[0][1:-1].tolist()  # no [CLS]/[SEP]
     r = await client.post("/v1/embeddings", json={"input": [ids], "model": MODEL})
     assert r.status_code == 200
     ref = reference_model.encode(["hello world"], normalize_embeddings=True)[0]
@@ -92,7 +94,8 @@ async def test_token_id_input(edge, reference_model) -> None:
 
 async def test_gazsi_inference_endpoint(edge, reference_model) -> None:
     _, client, _ = edge
-    r = await client.get("/inference", params={"d": "hello world"}, headers={"X-Gazsi-Timing": "1"})
+    r = await client.get("/inference", params={"d": "hello world"},
+                         headers={"X-Gazsi-Timing": "1", "Cache-Control": "no-cache"})
     body = r.json()
     assert r.status_code == 200
     assert set(body) == {"input", "tokens", "embedding_sample", "inference_time_us", "batch_size"}
@@ -114,17 +117,18 @@ async def test_static_pages_and_unknown_routes(edge) -> None:
 
 
 async def test_models_health_and_metrics(edge) -> None:
-    _, client, _ = edge
+    served, client, _ = edge
     models = (await client.get("/v1/models")).json()
     assert models["data"][0]["id"] == MODEL
     assert (await client.get("/healthz")).status_code == 200
-    ready = (await client.get("/readyz")).json()
+    ready = (await client.get(served.admin + "/readyz")).json()
     assert ready["engine"]["backend"] == "onnx-cpu"
     await client.post("/v1/embeddings", json={"input": "count me", "model": MODEL})
-    text = (await client.get("/metrics")).text
+    text = (await client.get(served.admin + "/metrics")).text
     assert 'gazsi_requests_total{route="/v1/embeddings",status="200"}' in text
     assert "gazsi_batch_size_bucket" in text
     assert 'gazsi_stage_latency_seconds_bucket{le="0.001",stage="inference"}' in text
+    assert "gazsi_batch_inference_seconds_bucket" in text
     assert "gazsi_tokens_total" in text
 
 
@@ -146,7 +150,8 @@ BAD_BODIES = [
     (json.dumps({"input": "x", "model": MODEL, "dimensions": 0}).encode(), 400, "dimensions"),
     (json.dumps({"input": "x", "model": MODEL, "dimensions": 385}).encode(), 400, "dimensions"),
     (json.dumps({"input": "x", "model": MODEL, "encoding_format": "int8"}).encode(), 400, "encoding_format"),
-    (b'{"input": "\\ud800 lone surrogate", "model": "all-MiniLM-L6-v2"}', 400, "input"),
+    # A lone surrogate is not Unicode: refused while parsing, and the message says where.
+    (b'{"input": "\\ud800 lone surrogate", "model": "all-MiniLM-L6-v2"}', 400, None),
     (json.dumps({"input": "x" * 70_000, "model": MODEL}).encode(), 413, None),
 ]
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_node.dataplane.socket.app import create_app
 from edge_node.engines.fake import FakeEngine
-from edge_node.runtime import EdgeRuntime
+from edge_node.node import EdgeNode
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
 from tests.support.services import ThrowawayPostgres
@@ -42,19 +41,20 @@ async def test_usage_survives_a_10s_database_outage_under_load(tmp_path: Path) -
             raise
         pytest.skip(f"PostgreSQL unavailable: {exc!r}")
     settings = load_settings(
-        data_dir=str(tmp_path), engine={"backend": "fake"},
+        data_dir=str(tmp_path), engine={"backend": "fake"}, edge={"dataplane": "asgi", "port": 0},
         # The in-process key cache must outlive the outage for cached keys to keep working.
         auth={"database_url": pg.url, "key_env": "test", "cache_ttl_s": 120, "usage_flush_interval_s": 0.2},
     )
     authorizer = build_authorizer(settings)
-    runtime = EdgeRuntime(settings, engine=FakeEngine(), authorizer=authorizer)
-    await runtime.start(wait=True)
-    app = create_app(runtime, manage_lifespan=False)
+    node = EdgeNode(settings, engine=FakeEngine(), authorizer=authorizer)
+    await node.start()
+    assert node.runtime is not None
+    await node.runtime.wait_loaded()
     sent: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])  # key id -> [requests, tokens]
     failures: list[int] = []
     try:
         keys = [await authorizer.admin.create(name=f"k{i}") for i in range(3)]
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client:
+        async with httpx.AsyncClient(base_url=node.url) as client:
             stop = asyncio.Event()
 
             async def load(i: int) -> None:
@@ -99,5 +99,5 @@ async def test_usage_survives_a_10s_database_outage_under_load(tmp_path: Path) -
         stored = {row.key_id: [row.requests, row.tokens] for row in await authorizer.store.usage()}
         assert stored == dict(sent)
     finally:
-        await runtime.stop()
+        await node.stop()
         pg.stop()

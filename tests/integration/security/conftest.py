@@ -1,4 +1,4 @@
-"""A FakeEngine edge served by real uvicorn on loopback with the hardened listener options."""
+"""A FakeEngine edge node on loopback, on any transport, with tight listener limits."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from edge_node.dataplane.socket.app import create_app
 from edge_node.engines.fake import FakeEngine
-from edge_node.runtime import EdgeRuntime
+from edge_node.node import EdgeNode
 from gazsi_cluster.config import Settings, load_settings
-from gazsi_cluster.http.hardening import listener_options
-from gazsi_cluster.http.server import RunningServer, start_server
+from tests.support.edge import running_node
 
 # Small limits so each one is reached with a few bytes or a fraction of a second.
 TIGHT_LIMITS: dict[str, Any] = {
@@ -25,26 +23,30 @@ TIGHT_LIMITS: dict[str, Any] = {
 
 @asynccontextmanager
 async def running_edge(
-    tmp_path: Path, *, auth: bool = False, tls: dict[str, Any] | None = None, **extra: Any
-) -> AsyncIterator[tuple[RunningServer, Settings, EdgeRuntime]]:
-    settings = load_settings(
-        data_dir=str(tmp_path), engine={"backend": "fake"}, limits=TIGHT_LIMITS,
-        auth={"enabled": auth, "key_env": "test"}, edge={"tls": tls or {}}, **extra,
-    )
+    tmp_path: Path, *, dataplane: str = "asgi", auth: bool = False, tls: dict[str, Any] | None = None,
+    **extra: Any,
+) -> AsyncIterator[tuple[EdgeNode, Settings]]:
+    """A FakeEngine edge on loopback, on the given transport, with tight listener limits.
+
+    One worker on the fast front, so per-connection limits are the node's own (they are per worker).
+    """
     authorizer = None
     if auth:
         from gazsi_cluster.auth.factory import build_authorizer
 
-        authorizer = build_authorizer(settings)
-    runtime = EdgeRuntime(settings, engine=FakeEngine(), authorizer=authorizer)
-    await runtime.start(wait=True)
-    server = await start_server(create_app(runtime, manage_lifespan=False), "127.0.0.1", 0,
-                                **listener_options(settings.limits, settings.edge.tls))
-    try:
-        yield server, settings, runtime
-    finally:
-        await server.stop(5)
-        await runtime.stop()
+        authorizer = build_authorizer(load_settings(data_dir=str(tmp_path), auth={"key_env": "test"}))
+    async with running_node(tmp_path, dataplane=dataplane, engine=FakeEngine(), workers=1, authorizer=authorizer,
+                            limits=TIGHT_LIMITS, auth={"enabled": auth, "key_env": "test"},
+                            edge={"tls": tls or {}}, **extra) as node:
+        yield node, node.settings
+
+
+def inputs_embedded(node: EdgeNode) -> float:
+    """``gazsi_inputs_total`` over every process of the node (what reached the model)."""
+    for line in node.render_metrics().decode().splitlines():
+        if line.startswith("gazsi_inputs_total"):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def read_all(sock: socket.socket, timeout_s: float = 5.0) -> bytes:

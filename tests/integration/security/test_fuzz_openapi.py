@@ -39,9 +39,8 @@ class _Stack:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     async def start(self) -> dict[str, str]:
-        from edge_node.dataplane.socket.app import create_app
         from edge_node.engines.fake import FakeEngine
-        from edge_node.runtime import EdgeRuntime
+        from edge_node.node import EdgeNode
         from gazsi_cluster.auth.factory import build_authorizer
         from gazsi_cluster.config import load_settings
         from gazsi_cluster.gateway import Gateway, create_gateway_app
@@ -51,19 +50,22 @@ class _Stack:
 
         settings = load_settings(data_dir=str(self.data_dir), engine={"backend": "fake"}, auth={"key_env": "test"})
         edge_auth = build_authorizer(settings)
-        runtime = EdgeRuntime(settings, engine=FakeEngine(), authorizer=edge_auth)
-        await runtime.start(wait=True)
+        # The asgi transport: its OpenAPI document describes the data routes the fuzzer exercises.
+        node_settings = load_settings(data_dir=str(self.data_dir), engine={"backend": "fake"},
+                                      auth={"key_env": "test"}, edge={"dataplane": "asgi", "port": 0})
+        node = EdgeNode(node_settings, engine=FakeEngine(), authorizer=edge_auth)
+        await node.start()
+        assert node.runtime is not None
+        await node.runtime.wait_loaded()
         key = (await edge_auth.admin.create(name="fuzz")).key
-        edge = await start_server(create_app(runtime, manage_lifespan=False), "127.0.0.1", 0,
-                                  **listener_options(settings.limits))
-        table = RoutingTable(1, 1, (NodeEntry("edge-1", f"http://127.0.0.1:{edge.port}",
+        table = RoutingTable(1, 1, (NodeEntry("edge-1", node.url,
                                               models=(settings.engine.model,)),))
         gw_auth = build_authorizer(settings)
         await gw_auth.start()
         gateway = Gateway(settings, authorizer=gw_auth, table=lambda: table)
         gw = await start_server(create_gateway_app(gateway), "127.0.0.1", 0, **listener_options(settings.limits))
-        self._closers = [gw.stop, gateway.aclose, gw_auth.close, edge.stop, runtime.stop]
-        return {"edge": f"http://127.0.0.1:{edge.port}", "gateway": f"http://127.0.0.1:{gw.port}", "key": key}
+        self._closers = [gw.stop, gateway.aclose, gw_auth.close, node.stop]
+        return {"edge": node.url, "gateway": f"http://127.0.0.1:{gw.port}", "key": key}
 
     async def stop(self) -> None:
         for close in self._closers:

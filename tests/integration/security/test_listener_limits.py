@@ -1,4 +1,5 @@
-"""Request limits enforced by the listener before any app work, each probed with raw loopback sockets."""
+"""Request limits enforced by the listener before any app work, each probed with raw loopback sockets, on every
+transport."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import read_all, running_edge
+from tests.support.edge import TRANSPORTS
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+from .conftest import inputs_embedded, read_all, running_edge
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60), pytest.mark.parametrize("dataplane", TRANSPORTS)]
 
 BODY = json.dumps({"input": "hello", "model": "all-MiniLM-L6-v2"}).encode()
 
@@ -35,47 +38,47 @@ def _exchange(port: int, payload: bytes) -> bytes:
         return read_all(s)
 
 
-async def test_valid_request_passes_the_limits(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, _):
+async def test_valid_request_passes_the_limits(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         raw = await asyncio.to_thread(_exchange, server.port, _request("Connection: close\r\n"))
         status, _ = _status_and_error(raw)
         assert status == 200 and b'"embedding"' in raw
 
 
-async def test_too_many_header_fields_is_431(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, runtime):
+async def test_too_many_header_fields_is_431(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         many = "".join(f"X-H{i}: v\r\n" for i in range(30))  # limit is 20
         raw = await asyncio.to_thread(_exchange, server.port, _request(many))
         status, err = _status_and_error(raw)
         assert status == 431 and err["code"] == "request_header_fields_too_large"
         assert b"connection: close" in raw.lower()
-        assert runtime.metrics.inputs._value.get() == 0  # nothing reached the model
+        assert inputs_embedded(server) == 0  # nothing reached the model
 
 
-async def test_oversized_header_section_is_431(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, _):
+async def test_oversized_header_section_is_431(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         raw = await asyncio.to_thread(_exchange, server.port, _request(f"X-Big: {'a' * 3000}\r\n"))
         assert _status_and_error(raw)[0] == 431
 
 
-async def test_unterminated_giant_header_is_431_not_buffered(tmp_path: Path) -> None:
+async def test_unterminated_giant_header_is_431_not_buffered(tmp_path: Path, dataplane: str) -> None:
     # One header line that never ends: httptools would buffer it; the raw byte guard stops it.
-    async with running_edge(tmp_path) as (server, _, _):
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         payload = b"GET /healthz HTTP/1.1\r\nHost: e\r\nX-Endless: " + b"a" * 20_000
         raw = await asyncio.to_thread(_exchange, server.port, payload)
         assert _status_and_error(raw)[0] == 431
 
 
-async def test_body_over_limit_is_413_openai_shaped(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, _):
+async def test_body_over_limit_is_413_openai_shaped(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         body = json.dumps({"input": "x" * 5000, "model": "all-MiniLM-L6-v2"}).encode()
         raw = await asyncio.to_thread(_exchange, server.port, _request("Connection: close\r\n", body))
         status, err = _status_and_error(raw)
         assert status == 413 and err["type"] == "invalid_request_error"
 
 
-async def test_inputs_per_request_and_chars_per_input_are_400(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, _):
+async def test_inputs_per_request_and_chars_per_input_are_400(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as c:
             r = await c.post("/v1/embeddings", json={"input": ["a"] * 9, "model": "all-MiniLM-L6-v2"})
             assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_inputs"
@@ -98,24 +101,24 @@ def _slowloris(port: int) -> tuple[bytes, int]:
         return read_all(s), sent
 
 
-async def test_slowloris_gets_408_and_is_closed(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, _):
+async def test_slowloris_gets_408_and_is_closed(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         raw, sent = await asyncio.to_thread(_slowloris, server.port)
         status, err = _status_and_error(raw)
         assert status == 408 and err["code"] == "request_timeout"
         assert sent < 50  # the server cut the trickle off instead of waiting for it
 
 
-async def test_silent_connection_gets_408(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, _):
+async def test_silent_connection_gets_408(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         def silent() -> bytes:
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
                 return read_all(s)
         assert _status_and_error(await asyncio.to_thread(silent))[0] == 408
 
 
-async def test_stalled_body_closes_the_connection(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, runtime):
+async def test_stalled_body_closes_the_connection(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         def stall() -> bytes:
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
                 s.sendall(_request(body=b"")[:-4] .replace(b"Content-Length: 0", b"Content-Length: 500")
@@ -124,11 +127,11 @@ async def test_stalled_body_closes_the_connection(tmp_path: Path) -> None:
         raw = await asyncio.to_thread(stall)
         # Closed without an answer the client could mistake for success, and no inference ran.
         assert b"200 OK" not in raw
-        assert runtime.metrics.inputs._value.get() == 0
+        assert inputs_embedded(server) == 0
 
 
-async def test_idle_keep_alive_close_is_eof_not_timeout(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, _):
+async def test_idle_keep_alive_close_is_eof_not_timeout(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         def idle() -> str:
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
                 s.sendall(b"GET /healthz HTTP/1.1\r\nHost: e\r\n\r\n")
@@ -144,8 +147,8 @@ async def test_idle_keep_alive_close_is_eof_not_timeout(tmp_path: Path) -> None:
         assert await asyncio.to_thread(idle) == "eof"
 
 
-async def test_connections_per_client_address_are_capped(tmp_path: Path) -> None:
-    async with running_edge(tmp_path) as (server, _, _):
+async def test_connections_per_client_address_are_capped(tmp_path: Path, dataplane: str) -> None:
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         def crowd() -> tuple[list[bytes], bytes, bytes]:
             held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4)]
             try:

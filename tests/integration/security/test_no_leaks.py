@@ -10,9 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from edge_node.dataplane.socket.app import create_app
 from edge_node.engines.fake import FakeEngine
-from edge_node.runtime import EdgeRuntime
+from edge_node.node import EdgeNode
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
 from gazsi_cluster.gateway import Gateway, create_gateway_app
@@ -32,23 +31,24 @@ async def apps(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
                              control_plane={"connect_timeout_s": 0.2, "request_timeout_s": 0.5, "retry_attempts": 1})
     auth = build_authorizer(settings)
     engine = FakeEngine()
-    runtime = EdgeRuntime(settings, engine=engine, authorizer=auth)
-    await runtime.start(wait=True)
+    node = EdgeNode(settings.model_copy(update={"edge": settings.edge.model_copy(update={"dataplane": "asgi", "port": 0})}),
+                    engine=engine, authorizer=auth)
+    await node.start()
+    assert node.runtime is not None
+    await node.runtime.wait_loaded()
     table = RoutingTable(1, 1, (NodeEntry("edge-x", f"http://{INTERNAL}", models=(MODEL,)),))
     gateway = Gateway(settings, authorizer=auth, table=lambda: table)
-    edge_app = create_app(runtime, manage_lifespan=False)
     gw_app = create_gateway_app(gateway)
     user = await auth.admin.create(name="user")
     admin = await auth.admin.create(name="ops", admin=True)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=edge_app, raise_app_exceptions=False),
-                                     base_url="http://edge") as e, \
+        async with httpx.AsyncClient(base_url=node.url) as e, \
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=gw_app, raise_app_exceptions=False),
                                   base_url="http://gw") as g:
             yield {"edge": e, "gw": g, "auth": auth, "engine": engine, "user": user.key, "admin": admin.key}
     finally:
         await gateway.aclose()
-        await runtime.stop()
+        await node.stop()
 
 
 def _h(key: str | None) -> dict[str, str]:

@@ -14,6 +14,7 @@ from cryptography import x509
 
 from gazsi_cli.main import main
 from gazsi_cluster.tls import client_context, create_deployment_certs, server_context
+from tests.support.edge import TRANSPORTS
 
 from .conftest import running_edge
 
@@ -46,12 +47,13 @@ def test_server_context_floor_is_tls12() -> None:
     assert server_context(certs.server_cert, certs.server_key).minimum_version == ssl.TLSVersion.TLSv1_2
 
 
-async def test_https_round_trip_openai_client_and_keep_alive(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dataplane", TRANSPORTS)
+async def test_https_round_trip_openai_client_and_keep_alive(tmp_path: Path, dataplane: str) -> None:
     from openai import AsyncOpenAI
 
     certs = create_deployment_certs(tmp_path / "tls", hosts=["localhost", "127.0.0.1"])
     tls = {"certfile": str(certs.server_cert), "keyfile": str(certs.server_key)}
-    async with running_edge(tmp_path, tls=tls) as (server, _, _):
+    async with running_edge(tmp_path, dataplane=dataplane, tls=tls) as (server, _):
         base = f"https://127.0.0.1:{server.port}"
         async with httpx.AsyncClient(verify=client_context(certs.ca_cert)) as http:
             oai = AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", http_client=http, max_retries=0)
@@ -96,10 +98,11 @@ def _handshake(port: int, ca: Path, max_version: ssl.TLSVersion) -> str:
             return f"refused: {exc.reason}"
 
 
-async def test_tls11_is_refused_tls12_accepted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dataplane", TRANSPORTS)
+async def test_tls11_is_refused_tls12_accepted(tmp_path: Path, dataplane: str) -> None:
     certs = create_deployment_certs(tmp_path / "tls")
     tls = {"certfile": str(certs.server_cert), "keyfile": str(certs.server_key)}
-    async with running_edge(tmp_path, tls=tls) as (server, _, _):
+    async with running_edge(tmp_path, dataplane=dataplane, tls=tls) as (server, _):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             old = await asyncio.to_thread(_handshake, server.port, certs.ca_cert, ssl.TLSVersion.TLSv1_1)

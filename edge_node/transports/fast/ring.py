@@ -1,4 +1,4 @@
-"""The shared-memory ring between the HTTP workers and the engine process.
+"""The shared-memory ring between the fast front's HTTP workers and the node process that owns the engine.
 
 One ``multiprocessing.shared_memory`` block holds a small header and fixed slots. Worker ``w``
 owns slots ``[w*S, (w+1)*S)`` outright, so no cross-process allocation lock exists: a worker
@@ -7,8 +7,8 @@ request pipe; the engine writes results into the same slot and the index back in
 response pipe. Pipes are the wakeup (the reader sleeps in epoll, no spinning) and carry only
 indices; token ids and vectors never leave shared memory.
 
-A slot carries the generation of the engine it was sent to: after an engine restart the new
-engine skips indices left in the pipe by the old generation.
+A slot carries the generation of the engine it was sent to, so a batcher never serves an index left in
+the pipe for an earlier one.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 __all__ = [
     "DOWN_MARKER",
     "ENGINE_DOWN",
+    "ENGINE_DRAINING",
     "ENGINE_FAILED",
     "ENGINE_LOADING",
     "ENGINE_UP",
@@ -35,12 +36,13 @@ __all__ = [
     "M_T_WOKEN",
     "RingLayout",
     "SlotRing",
+    "attach_shared_memory",
     "pack_indices",
     "unpack_indices",
 ]
 
-ENGINE_LOADING, ENGINE_UP, ENGINE_DOWN, ENGINE_FAILED = 0, 1, 2, 3
-# Written by the supervisor into every response pipe when the engine dies: fail everything in flight.
+ENGINE_LOADING, ENGINE_UP, ENGINE_DOWN, ENGINE_FAILED, ENGINE_DRAINING = 0, 1, 2, 3, 4
+# Written by the node into every response pipe when its engine stops: fail everything in flight.
 DOWN_MARKER = 0xFFFFFFFF
 
 # Header words (int64): state, generation, engine pid, created (unix s), workers, slots per worker.
@@ -68,6 +70,23 @@ def pack_indices(indices: list[int]) -> bytes:
 def unpack_indices(data: bytes) -> list[int]:
     """Indices from a pipe read; reads return whole 4-byte writes (atomic, so never split)."""
     return [v for (v,) in _IDX.iter_unpack(data[: len(data) - len(data) % 4])]
+
+
+def attach_shared_memory(name: str) -> shared_memory.SharedMemory:
+    """Attach to a block another process owns, without this process's resource tracker claiming it.
+
+    Workers are separate interpreters with trackers of their own; before Python 3.13 attaching
+    registers the block there, and the tracker unlinks it when the worker exits -- taking the ring
+    away from the node and every other worker. Only the creator unlinks.
+    """
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        from multiprocessing import resource_tracker
+
+        shm = shared_memory.SharedMemory(name=name)
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        return shm
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,14 +159,7 @@ class SlotRing:
 
     @classmethod
     def attach(cls, layout: RingLayout, name: str) -> SlotRing:
-        # Attached processes are forked from the creator and share its resource tracker, whose
-        # registry is a set: registering the name again is harmless and only the creator unlinks.
-        # (Python 3.13+ can say so directly with track=False.)
-        try:
-            shm = shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
-        except TypeError:
-            shm = shared_memory.SharedMemory(name=name)
-        return cls(layout, shm, owner=False)
+        return cls(layout, attach_shared_memory(name), owner=False)
 
     @property
     def name(self) -> str:

@@ -443,7 +443,7 @@ extern "C" __global__ void gz_persistent(const u8* __restrict__ reqs, const int*
 
 // ---------------------------------------------------------------------------------------------
 // Response builder: one thread per response. A response is a canned prefix (status line and
-// content-type, from `canned`), content-length, connection, and either a canned body or the
+// content-type, from `canned`), content-length, connection: close when closing, and either a canned body or the
 // GAZSI inference JSON, escaped exactly as orjson escapes strings.
 
 #define J_KIND 0       // 0 canned body, 1 inference JSON
@@ -535,7 +535,8 @@ __device__ int gz_build_one(const int* j, const float* s, const u8* d, const u8*
     int p = gz_copy(o, canned + pre_off, pre_len);
     p += gz_lit(o + p, "content-length: ");
     p += gz_put_u64(o + p, (u64)body_len);
-    p += gz_lit(o + p, j[J_KEEPALIVE] ? "\r\nconnection: keep-alive\r\n\r\n" : "\r\nconnection: close\r\n\r\n");
+    // As gazsi_cluster.http.wire.render_head: keep-alive is HTTP/1.1's default and goes unsaid.
+    p += gz_lit(o + p, j[J_KEEPALIVE] ? "\r\n\r\n" : "\r\nconnection: close\r\n\r\n");
     if (!j[J_HEADONLY]) {
         if (j[J_KIND] == 1) {
             p += gz_lit(o + p, "{\"input\":\"");

@@ -14,24 +14,33 @@ from typing import Any
 
 import numpy as np
 
-from edge_node.dataplane.socket.pages import CONTACTS_HTML, INDEX_HTML
+from edge_node.pages import CONTACTS_HTML, INDEX_HTML
+from gazsi_cluster.http.wire import HttpReply, render_head
 
 from . import _layout as L
 
 __all__ = ["CANNED", "GpuHttpEngine", "canned_table"]
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
-            414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error"}
-_ERRORS: dict[int, tuple[str, str | None]] = {
-    400: ("The request is malformed.", "invalid_request"),
-    # 404/405 as the socket path's (Starlette's) bodies, byte for byte: code null.
-    404: ("Not Found", None),
-    405: ("Method Not Allowed", None),
-    413: ("Request body too large.", "payload_too_large"),
-    414: ("Request target too long.", "uri_too_long"),
-    431: ("Request header fields too large.", "headers_too_large"),
-    500: ("The server had an error while processing your request.", "engine_error"),
-}
+def _canned_errors() -> dict[int, bytes]:
+    """The kernel's error answers, as the CPU transports answer the same mistakes (one error mapping)."""
+    from gazsi_cluster import errors
+    from gazsi_cluster.http.errors import error_body, error_reply
+
+    by_status: dict[int, errors.GazsiError] = {
+        400: errors.InvalidRequest("Invalid HTTP request"),
+        404: errors.NotFound("Not Found"),
+        405: errors.MethodNotAllowed("Method Not Allowed"),
+        413: errors.PayloadTooLarge(f"request body exceeds {L.MAX_BODY} bytes"),
+        431: errors.HeadersTooLarge("request headers exceed the limit"),
+        500: errors.EngineError("inference failed for this batch"),
+    }
+    out = {status: error_reply(exc).body for status, exc in by_status.items()}
+    # 414 has no CPU twin (the CPU listeners bound the whole head, 431): same shape, its own code.
+    out[414] = error_body("Request target too long.", "invalid_request_error", None, "uri_too_long")
+    return dict(sorted(out.items()))
+
+
+_ERRORS = _canned_errors()
 # Canned entry ids: 0 JSON 200 prefix (inference), 1 index page, 2 contacts page, then errors.
 CANNED: dict[str, int] = {"inference": 0, "index": 1, "contacts": 2}
 for _i, _st in enumerate(_ERRORS):
@@ -39,18 +48,16 @@ for _i, _st in enumerate(_ERRORS):
 
 
 def _prefix(status: int, ctype: str) -> bytes:
-    return f"HTTP/1.1 {status} {_REASONS[status]}\r\nserver: gazsi-gpu\r\ncontent-type: {ctype}\r\n".encode()
+    """Status line and content-type, as :func:`gazsi_cluster.http.wire.render_head` starts every response."""
+    head = render_head(HttpReply(status, content_type=ctype), keep_alive=True)
+    return head[: head.index(b"content-length:")]
 
 
 def canned_table() -> tuple[bytes, np.ndarray]:
     """The blob of prefixes and bodies and its index (prefix_off, prefix_len, body_off, body_len)."""
-    import orjson
-
     entries = [(_prefix(200, "application/json"), b""), (_prefix(200, "text/html; charset=utf-8"), INDEX_HTML),
                (_prefix(200, "text/html; charset=utf-8"), CONTACTS_HTML)]
-    for status, (msg, code) in _ERRORS.items():
-        body = orjson.dumps({"error": {"message": msg, "type": "invalid_request_error" if status < 500 else
-                                       "server_error", "param": None, "code": code}})
+    for status, body in _ERRORS.items():
         entries.append((_prefix(status, "application/json"), body))
     blob, idx = bytearray(), []
     for pre, body in entries:

@@ -41,7 +41,7 @@ from typing import Protocol
 import numpy as np
 
 from edge_node.batcher import BatchStats
-from edge_node.dataplane.fast.ring import (
+from edge_node.transports.fast.ring import (
     M_BATCH,
     M_CACHE,
     M_GEN,
@@ -94,6 +94,8 @@ class SlotBatcher:
         self._admitted_slots = 0
         self._admitted_tokens = 0
         self._in_flight = 0
+        self._running: list[np.ndarray] = []  # slots of the batches being run (forget_worker waits on them)
+        self._forget: list[tuple[int, threading.Event]] = []  # dead workers whose queued slots must go
         self._tl = threading.local()  # whether this thread's batch still counts as in flight
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -123,6 +125,11 @@ class SlotBatcher:
     def queue_depth(self) -> int:
         return int(self._pending.size)
 
+    @property
+    def admitted(self) -> int:
+        """Slots admitted and not yet answered (queued or running)."""
+        return self._admitted_slots
+
     # -- the threads ---------------------------------------------------------------------
     def _thread_main(self) -> None:
         while not self._stop.is_set():
@@ -136,6 +143,44 @@ class SlotBatcher:
                     log.exception("slot batch of %d failed outside the engine", batch.size)
                 finally:
                     self._done_in_flight()
+                    with self._state:
+                        self._running = [b for b in self._running if b is not batch]
+
+    def forget_worker(self, worker: int, timeout_s: float = 5.0) -> None:
+        """A worker died: drop its queued slots and wait until no running batch holds any of its slots.
+
+        Its replacement reuses the same slots; a batch still running for the old process must not
+        write results into a slot the new one has just filled (blocking: call it off the event loop).
+        The leader owns the queue, so it drops the slots itself (within one ``select`` timeout).
+        """
+        done = threading.Event()
+        with self._state:
+            self._forget.append((worker, done))
+        if not self._threads:
+            self._drop_forgotten()
+        spw = self.ring.layout.slots_per_worker
+        deadline = time.monotonic() + timeout_s
+        if not done.wait(timeout_s):
+            log.error("slot batcher did not drop worker %d's queued slots in %.1fs", worker, timeout_s)
+            return
+        while time.monotonic() < deadline:
+            with self._state:
+                busy = any(bool(((b // spw) == worker).any()) for b in self._running)
+            if not busy:
+                return
+            time.sleep(0.001)
+        log.error("worker %d's slots still in a running batch after %.1fs", worker, timeout_s)
+
+    def _drop_forgotten(self) -> None:
+        """Leader only (or no thread running): drop the queued slots of workers that died."""
+        with self._state:
+            forget, self._forget = self._forget, []
+        spw = self.ring.layout.slots_per_worker
+        for worker, done in forget:
+            mine = (self._pending // spw) == worker
+            dropped, self._pending = self._pending[mine], self._pending[~mine]
+            self._release(dropped)
+            done.set()
 
     def _done_in_flight(self) -> None:
         """Called once per batch as soon as the engine returned (or failed): the GPU is free again.
@@ -152,6 +197,8 @@ class SlotBatcher:
         """Leader only: wait for slots (rule 2), then take a batch and count it in flight."""
         cfg = self.config
         while not self._stop.is_set():
+            if self._forget:
+                self._drop_forgotten()
             if not self._pending.size:
                 self._read(0.05)  # bounded so stop() is noticed
                 continue
@@ -168,6 +215,7 @@ class SlotBatcher:
                 self._pending = self._pending[batch.size:]
                 with self._state:
                     self._in_flight += 1
+                    self._running.append(batch)
                 self.ring.meta[batch, M_T_FORMED] = time.monotonic_ns()
                 return batch
             self._read(wait_left)
@@ -287,7 +335,8 @@ class SlotBatcher:
         cols = np.arange(width)
         mask = cols[None, :] < np.minimum(lens, width)[:, None]
         pos = np.minimum(offs[:, None] + cols[None, :], ring.layout.slot_tokens - 1)
-        ids = np.where(mask, ring.tokens[src[:, None], pos], 0)
+        # int64, as the engine contract says: ONNX Runtime refuses int32 ids (every request got 500).
+        ids = np.where(mask, ring.tokens[src[:, None], pos], 0).astype(np.int64)
         rows = int(src.size)
         t0 = time.perf_counter()
         ring.meta[slots, M_T_INFER0] = time.monotonic_ns()

@@ -1,17 +1,16 @@
-"""The ``gpu`` data plane: host socket feed → parse kernel → ring → batcher → ring → build kernel → sockets.
+"""The ``gpu`` transport: host socket feed -> parse kernel -> ring -> pipeline -> ring -> build kernel -> sockets.
 
-Serves GAZSI's hot path: ``GET /inference?d=``, ``/index.``, ``/contacts.`` and the kernel's
-error statuses (404, 405, 400, 413, 414, 431). Control flow is mode (a), one kernel launch per
-burst (it won every burst size on the H100, see docs/benchmarks.md). A burst is whatever heads
-arrived during one event-loop turn, up to ``capacity``. The OpenAI API, ``/readyz``,
-``/metrics`` and the admin routes stay on the FastAPI app, served by :func:`serve_gpu` on
-``edge.api_port`` (default port + 1): they need JSON bodies, validation and auth flows the GPU
-path has no reason to duplicate, and they are not the hot path.
+GAZSI's hot path: ``GET /inference?d=``, ``/index.``, ``/contacts.`` and the kernel's error statuses
+(404, 405, 400, 413, 414, 431) are parsed and answered by CUDA kernels; control flow is mode (a), one
+kernel launch per burst (it won every burst size measured, see docs/benchmarks.md). A burst is whatever
+heads arrived during one event-loop turn, up to ``capacity``. The operator routes (``/readyz``,
+``/metrics``, ``/admin``) are on the node's operator port.
 
-CPU work per request is what the kernels cannot do: authorisation, tokenising and batching
-through :class:`~edge_node.service.EmbeddingService` (``embed``, so the response cache behaves
-as on the socket path). Errors the service raises are answered from the CPU through the one
-error mapping (:func:`gazsi_cluster.http.errors.to_response`).
+The CPU does what the kernels cannot: the pipeline's authorise -> tokenise -> embed -> usage stages
+(:meth:`edge_node.pipeline.EdgePipeline.gazsi`, so limits, the response cache and usage behave as on
+every other transport), then the build kernel encodes the same body bytes as
+:func:`edge_node.encode.inference_body`. Errors the pipeline raises are answered from the CPU through
+the one error mapping and the one renderer.
 """
 
 from __future__ import annotations
@@ -21,20 +20,24 @@ import contextlib
 import functools
 import logging
 import time
-from http import HTTPStatus
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_node.service import Timing
-from gazsi_cluster.errors import EngineError, Overloaded, ServiceUnavailable
+from gazsi_cluster.errors import ConfigError, EngineError, Overloaded, ServiceUnavailable
+from gazsi_cluster.http.errors import error_reply
+from gazsi_cluster.http.wire import HttpRequest, render
 
 from . import _layout as L
 from .feed import FeedConnection, FeedLimits
 from .ring import HostRing
 
-__all__ = ["GpuDataplane", "serve_gpu"]
+if TYPE_CHECKING:
+    from edge_node.node import EdgeNode
+    from edge_node.pipeline import EdgePipeline
+
+__all__ = ["GpuDataplane", "GpuTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +51,16 @@ def _ring_module() -> Any:
     return cp.RawModule(code=src, options=("--std=c++17",))
 
 
-def http_response(status: int, body: bytes, headers: dict[str, str], keep_alive: bool) -> bytes:
-    """A CPU-built response (errors from the service), shaped like the kernel's."""
-    reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
-    lines = [f"HTTP/1.1 {status} {reason}", "server: gazsi-gpu", "content-type: application/json"]
-    lines += [f"{k.lower()}: {v}" for k, v in headers.items() if k.lower() not in ("content-type", "content-length")]
-    lines += [f"content-length: {len(body)}", f"connection: {'keep-alive' if keep_alive else 'close'}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
 def error_response(exc: BaseException, keep_alive: bool) -> bytes:
-    from gazsi_cluster.http.asgi import to_response
-
-    resp = to_response(exc)
-    return http_response(resp.status_code, bytes(resp.body), dict(resp.headers), keep_alive)
+    return render(error_reply(exc), keep_alive=keep_alive)
 
 
 class GpuDataplane:
     """Owns the GPU buffers, the ring and the two loops (bursts, builds). Start, then :meth:`serve`."""
 
-    def __init__(self, runtime: Any, *, capacity: int = 1024, max_pending: int = 4096,
+    def __init__(self, pipeline: EdgePipeline, *, capacity: int = 1024, max_pending: int = 4096,
                  limits: FeedLimits | None = None) -> None:
-        self.runtime = runtime
+        self.pipeline = pipeline
         self.capacity = capacity
         self.max_pending = max_pending
         self.limits = limits or FeedLimits()
@@ -214,20 +205,16 @@ class GpuDataplane:
 
     # -- the CPU stage: service, then hand back to the ring -------------------------------
     async def _infer(self, slot: int, conn: FeedConnection, d: bytes, auth: str | None, keep: bool) -> None:
-        runtime = self.runtime
         try:
-            service = runtime.service
-            principal = await runtime.authorizer.authorize(auth, model=service.model_id)
-            timing = Timing()
-            outcome = await service.embed(d.decode("utf-8"), timing)
-            await runtime.authorizer.record_usage(principal, model=service.model_id, tokens=outcome.prompt_tokens)
+            request = HttpRequest("GET", "/inference", "", {"authorization": auth} if auth is not None else {})
+            result = await self.pipeline.gazsi(request, d.decode("utf-8"))
         except Exception as exc:
             self.ring.abort(slot)
             conn.respond(error_response(exc, keep), keep)
             return
-        self.ring.complete(slot, tokens=outcome.prompt_tokens, batch_size=outcome.batch_size,
-                           inference_us=outcome.inference_us, sample=outcome.vectors[0][:3].tolist(),
-                           infer_marks=(timing.infer_start, timing.infer_end))
+        self.ring.complete(slot, tokens=result.tokens, batch_size=result.batch_size,
+                           inference_us=result.inference_us, sample=result.sample.tolist(),
+                           infer_marks=result.marks)
         self._slot_conn[slot] = (conn, keep)
         self._to_build += 1
         self._build.set()
@@ -265,34 +252,43 @@ class GpuDataplane:
                 conn.respond(data, keep)
 
 
-async def _serve_async(settings: Any, runtime: Any) -> None:
-    import uvicorn
+class GpuTransport:
+    """The node's data plane on the GPU; refuses TLS (the kernels answer in plaintext) and says why."""
 
-    from edge_node.dataplane.socket.app import create_app
+    name = "gpu"
 
-    edge = settings.edge
-    api_port = edge.api_port if edge.api_port is not None else (edge.port + 1 if edge.port else 0)
-    await runtime.start()
-    plane = GpuDataplane(runtime)
-    plane.start()
-    await plane.serve(edge.host, edge.port)
-    api = uvicorn.Server(uvicorn.Config(create_app(runtime, manage_lifespan=False), host=edge.host, port=api_port,
-                                        log_level=settings.log_level, access_log=False, timeout_keep_alive=30))
-    print(f"gazsi edge (gpu data plane): GAZSI routes on http://{edge.host}:{plane.port}, "
-          f"OpenAI API, /readyz and /metrics on http://{edge.host}:{api_port}")
-    try:
-        await api.serve()  # returns on SIGINT/SIGTERM (uvicorn installs the handlers)
-    finally:
-        await plane.stop()
-        await runtime.stop()
+    def __init__(self, node: EdgeNode) -> None:
+        self.node = node
+        self.plane: GpuDataplane | None = None
+        self.port = 0
+        if node.settings.edge.tls.enabled:
+            raise ConfigError(
+                "edge.tls is set but the gpu data plane cannot serve TLS: its CUDA kernels parse and build "
+                "plaintext HTTP. Terminate TLS in front of the node, or use edge.dataplane=fast.")
 
+    async def start(self) -> None:
+        node, edge, limits = self.node, self.node.settings.edge, self.node.settings.limits
+        assert node.pipeline is not None
+        feed = FeedLimits(header_timeout_s=limits.header_timeout_s, keepalive_timeout_s=limits.keep_alive_timeout_s)
+        self.plane = GpuDataplane(node.pipeline, limits=feed)
+        self.plane.start()
+        await self.plane.serve(edge.host, edge.port)
+        self.port = self.plane.port
 
-def serve_gpu(settings: Any, runtime: Any) -> int:
-    """Run the ``gpu`` data plane until interrupted (uvloop when installed)."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_serve_async(settings, runtime))
-    else:
-        uvloop.run(_serve_async(settings, runtime))
-    return 0
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        if self.plane is not None:
+            await self.plane.stop()
+
+    async def wait_ready(self) -> None:
+        """Serving as soon as :meth:`start` returned."""
+
+    def check_health(self) -> None:
+        if self.plane is None or self.plane.server is None or not self.plane.server.is_serving():
+            raise ServiceUnavailable("the GPU data plane is not serving", retry_after=1)
+
+    def readiness(self) -> dict[str, Any]:
+        return {"gpu": dict(self.plane.stats) if self.plane is not None else None}
+
+    @property
+    def ready(self) -> bool:
+        return self.plane is not None and self.plane.server is not None and self.plane.server.is_serving()

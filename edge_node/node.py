@@ -1,0 +1,414 @@
+"""One edge node, assembled in one place: every entry point builds this object.
+
+``gazsi edge serve``, the Serve ``Edge`` replica and each worker process of the fast front build an
+:class:`EdgeNode` from the settings. It owns, under one lifespan (``async with node:``), the model
+runtime, the authorizer and its per-key limits, the response cache, the request pipeline, the
+chosen transport's listeners, the operator app, the control-plane agent and peer forwarding. The
+transport is one declared setting (``edge.dataplane``), resolved from the hardware when ``auto``;
+the choice and its reason are logged and shown in ``/readyz``.
+
+    auto/fast  FastTransport: the engine here, N worker processes serve HTTP (the default)
+    asgi       AsgiTransport: one FastAPI/uvicorn process serves everything
+    gpu        GpuTransport: HTTP parsed and answered by CUDA kernels (gpunetio: the same, DOCA receive
+               when it exists)
+
+A worker process builds the node in its worker role (``worker=handoff``): same pipeline, same
+authorizer and cache, embedding through the ring instead of a local engine.
+
+>>> async with EdgeNode(load_settings()) as node:  # doctest: +SKIP
+...     print(node.url); await node.wait_closed()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from edge_node.agent import ControlPlaneLink, EdgeAgent, HttpsLink, LoadWindow, latency_quantiles
+from edge_node.embedders import BatcherEmbedder, CachedEmbedder, Embedder
+from edge_node.engines import Engine
+from edge_node.forwarding import PeerForwarder
+from edge_node.hardware import choose_dataplane
+from edge_node.inputs import InputRules
+from edge_node.metrics import EngineMetrics, RequestMetrics
+from edge_node.pipeline import EdgePipeline, ModelFacts
+from edge_node.runtime import ModelRuntime
+from edge_node.tokenization import TextTokenizer
+from gazsi_cluster import __version__
+from gazsi_cluster.auth import Authorizer
+from gazsi_cluster.auth.factory import authorizer_for
+from gazsi_cluster.cache import ResponseCache, build_response_cache
+from gazsi_cluster.config import LimitsConfig, Settings
+from gazsi_cluster.errors import ServiceUnavailable
+from gazsi_cluster.model import load_model_spec
+from gazsi_cluster.protocol import NodeFacts, NodeLoad
+from gazsi_cluster.routing import RoutingClient, RoutingTable, make_policy
+
+if TYPE_CHECKING:
+    from edge_node.transports.fast.worker import WorkerHandoff
+    from gazsi_cluster.http.server import RunningServer
+
+__all__ = ["EdgeNode", "Transport"]
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    name: str
+    port: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self, timeout_s: float = 10.0) -> None: ...
+
+    async def wait_ready(self) -> None: ...
+
+    def check_health(self) -> None: ...
+
+    def readiness(self) -> dict[str, Any]: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+
+class EdgeNode:
+    """See the module docstring. ``engine``/``authorizer``/``link`` may be injected (tests, Serve)."""
+
+    def __init__(
+        self, settings: Settings, *, worker: WorkerHandoff | None = None, engine: Engine | None = None,
+        authorizer: Authorizer | None = None, link: ControlPlaneLink | None = None, advertise: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spec = load_model_spec(settings.engine.model, settings.engine.model_dir)
+        self.worker = worker
+        self.created = worker.created if worker is not None else int(time.time())
+        if worker is not None:
+            self.dataplane, self.dataplane_reason = "fast", f"worker {worker.worker} of a fast front"
+        else:
+            self.dataplane, self.dataplane_reason = choose_dataplane(settings.edge.dataplane)
+        log.info("edge node data plane: %s (%s)", self.dataplane, self.dataplane_reason)
+        self.request_metrics = RequestMetrics()
+        self.engine_metrics = EngineMetrics()
+        self.limiter_name: str | None = worker.limiter if worker is not None else None
+        self.authorizer: Authorizer = authorizer or authorizer_for(settings)
+        self._link, self._advertise = link, advertise
+        self.runtime: ModelRuntime | None = None
+        self.cache: ResponseCache | None = None
+        self.pipeline: EdgePipeline | None = None
+        self.forwarder: PeerForwarder | None = None
+        self.agent: EdgeAgent | None = None
+        self.ops: RunningServer | None = None
+        self.draining = False
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._closed = asyncio.Event()
+        self._load = LoadWindow()
+        self._join_task: asyncio.Task[None] | None = None
+        self.transport: Transport = self._assemble(engine)
+
+    # -- assembly --------------------------------------------------------------------------
+    def _assemble(self, engine: Engine | None) -> Transport:
+        """Pick the transport and build the pipeline the way that transport needs it."""
+        settings, mode = self.settings, self.dataplane
+        embedder: Embedder | None = None
+        transport: Transport
+        if self.worker is not None:
+            from edge_node.transports.fast.worker import WorkerTransport
+
+            worker_transport = WorkerTransport(self, self.worker)
+            transport, embedder = worker_transport, worker_transport.embedder
+        else:
+            self.runtime = ModelRuntime(settings, metrics=self.engine_metrics, engine=engine)
+            if mode == "fast":
+                from edge_node.transports.fast.front import FastTransport
+
+                return FastTransport(self)
+            embedder = BatcherEmbedder(self.runtime)
+            if mode == "asgi":
+                from edge_node.transports.asgi import AsgiTransport
+
+                transport = AsgiTransport(self)
+            else:
+                from edge_node.transports.gpu.server import GpuTransport
+
+                transport = GpuTransport(self)
+        self.cache = build_response_cache(settings)
+        if self.cache is not None:
+            embedder = CachedEmbedder(embedder, self.cache, f"{settings.engine.model}:{self.spec.weights_hash}")
+        max_len = min(settings.engine.max_seq_len, self.spec.max_seq_len)
+        self.forwarder = self._forwarder()
+        self.pipeline = EdgePipeline(
+            model=ModelFacts(settings.engine.model, self.spec.dimensions, self.created),
+            rules=InputRules(TextTokenizer(self.spec.path, max_len), settings.limits), embedder=embedder,
+            authorizer=self.authorizer, metrics=self.request_metrics, readiness=self.readiness,
+            timing_header=settings.edge.timing_header, forwarder=self.forwarder,
+        )
+        return transport
+
+    def _forwarder(self) -> PeerForwarder:
+        cp = self.settings.control_plane
+        client = RoutingClient(self.routing_table_or_empty, make_policy(cp.routing_policy), attempts=cp.retry_attempts,
+                               timeout_s=cp.request_timeout_s, connect_timeout_s=cp.connect_timeout_s)
+        return PeerForwarder(client, lambda: self.node_id)
+
+    # -- lifespan --------------------------------------------------------------------------
+    async def __aenter__(self) -> EdgeNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Listeners up at once (``/readyz`` says 503 while the model loads); the agent joins after."""
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        self._stack = stack
+        try:
+            await self._start_parts(stack)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_parts(self, stack: contextlib.AsyncExitStack) -> None:
+        start = getattr(self.authorizer, "start", None)
+        if start is not None:
+            await start()
+        close = getattr(self.authorizer, "close", None)
+        if close is not None:
+            stack.push_async_callback(close)
+        if self.cache is not None:
+            stack.push_async_callback(self.cache.close)
+        if self.forwarder is not None:
+            stack.push_async_callback(self.forwarder.aclose)
+        if self.runtime is not None:
+            self.runtime.start(with_batcher=self.dataplane != "fast")
+            stack.push_async_callback(self.runtime.stop)
+        await self.transport.start()
+        stack.push_async_callback(self._stop_transport)
+        if self.worker is None and self.dataplane != "asgi":
+            await self._start_ops()
+        link = self._link or self._https_link()
+        if link is not None and self.worker is None:
+            self.agent = EdgeAgent(link, self.facts(), self.load, self.settings.control_plane)
+            # Join only once the node can serve: a loading node in the routing table turns traffic into 503s.
+            self._join_task = asyncio.create_task(self._join_when_ready(), name="gazsi-edge-join")
+            stack.push_async_callback(self._stop_agent)
+
+    async def _join_when_ready(self) -> None:
+        if self.runtime is not None:
+            try:
+                await self.runtime.wait_loaded()
+            except Exception:
+                return  # a node whose model failed never joins; /readyz says why
+        await self.transport.wait_ready()
+        if self.agent is not None and not self.draining:
+            await self.agent.start()
+
+    async def _start_ops(self) -> None:
+        from edge_node.transports.asgi import create_app
+        from gazsi_cluster.http.hardening import listener_options
+        from gazsi_cluster.http.server import start_server
+
+        edge = self.settings.edge
+        port = edge.admin_port if edge.admin_port is not None else (self.transport.port + 1 if edge.port else 0)
+        self.ops = await start_server(create_app(self), edge.host, port,
+                                      **listener_options(self.settings.limits, edge.tls))
+        assert self._stack is not None
+        self._stack.push_async_callback(self.ops.stop)
+
+    def _https_link(self) -> ControlPlaneLink | None:
+        cp = self.settings.control_plane
+        if not cp.url:
+            return None
+        return HttpsLink(cp.url, ca_file=cp.ca_file, cert_dir=self.settings.data_dir / "node-certs")
+
+    async def _stop_agent(self) -> None:
+        if self._join_task is not None and not self._join_task.done():
+            self._join_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._join_task
+        if self.agent is not None:
+            # Leave the routing tables first, then finish in-flight work.
+            await self.agent.stop(say_goodbye=True)
+
+    async def _stop_transport(self) -> None:
+        await self.transport.stop(self.settings.batcher.request_timeout_s)
+
+    async def stop(self) -> None:
+        """Drain and free everything, in reverse order of start; safe to call twice."""
+        self.draining = True
+        stack, self._stack = self._stack, None
+        try:
+            if stack is not None:
+                await stack.aclose()
+        finally:
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # -- facts for the outside ---------------------------------------------------------------
+    @property
+    def node_id(self) -> str | None:
+        if self.agent is not None and self.agent.node_id:
+            return self.agent.node_id
+        return getattr(self.transport, "self_id", None)
+
+    @property
+    def port(self) -> int:
+        return self.transport.port
+
+    @property
+    def admin_port(self) -> int:
+        return self.ops.port if self.ops is not None else self.transport.port
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.settings.edge.tls.enabled else "http"
+        return f"{scheme}://{self._advertise or self.settings.edge.host}:{self.port}"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.settings.limits.max_body_bytes
+
+    def routing_table(self) -> RoutingTable | None:
+        return self.agent.table if self.agent is not None else None
+
+    def routing_table_or_empty(self) -> RoutingTable:
+        table = self.routing_table()
+        if table is None:
+            table = getattr(self.transport, "table", None)
+        return table if table is not None else RoutingTable.empty()
+
+    def facts(self) -> NodeFacts:
+        s = self.settings
+        engine = self.runtime.engine if self.runtime is not None else None
+        return NodeFacts(
+            node_id=None, address=self._advertise or s.edge.host, port=self.port,
+            scheme="https" if s.edge.tls.enabled else "http", region=s.edge.region, zone=s.edge.zone,
+            dataplane=self.dataplane,
+            engine_backend=engine.info.backend if engine else s.engine.backend, models=[s.engine.model],
+            max_batch_size=s.batcher.max_batch_size, version=__version__,
+        )
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        runtime_ok = self.runtime is None or self.runtime.state == "ready"
+        return runtime_ok and self.transport.ready and not self.draining
+
+    def check_health(self) -> None:
+        """Raise when the node cannot serve (Serve's health check replaces the replica then)."""
+        if self.runtime is not None and self.runtime.state == "failed":
+            raise ServiceUnavailable("the model failed to load", retry_after=30)
+        if self.runtime is not None and self.runtime.state == "ready" and not self.runtime.healthy:
+            raise ServiceUnavailable("the engine is unhealthy", retry_after=5)
+        self.transport.check_health()
+        if self.ops is not None and not self.ops.alive:
+            raise ServiceUnavailable("the operator listener stopped", retry_after=1)
+
+    def readiness(self) -> dict[str, Any]:
+        view = getattr(self.transport, "node_view", None)
+        if view:
+            # A worker: the node's own view (pushed each second), ready only if this worker can serve too.
+            return {**view, "ready": bool(view.get("ready")) and self.ready,
+                    "worker": self.transport.readiness()}
+        detail: dict[str, Any] = {
+            "ready": self.ready, "draining": self.draining,
+            "dataplane": self.dataplane, "dataplane_reason": self.dataplane_reason,
+            "node_id": self.node_id, "transport": self.transport.readiness(),
+        }
+        if self.runtime is not None:
+            detail.update(self.runtime.readiness())
+        if "batcher" in detail["transport"]:  # the fast front's slot batcher: the live batching rules
+            detail["batcher"] = detail["transport"].pop("batcher")
+        status = getattr(self.authorizer, "status", None)
+        if status is not None:
+            detail["auth"] = status()
+        if self.cache is not None:
+            detail["cache"] = self.cache.status()
+        return detail
+
+    def render_metrics(self) -> bytes:
+        """Every process's metrics in one scrape (workers' through prometheus' multiprocess files)."""
+        parts = [self.engine_metrics.render()]
+        metrics_dir = getattr(self.transport, "metrics_dir", "")
+        if metrics_dir:
+            from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+            parts.append(generate_latest(registry))
+        else:
+            parts.append(self.request_metrics.render())
+        for source in (self.authorizer, self.cache):
+            render = getattr(getattr(source, "metrics", source), "render", None)
+            if render is not None and source is not None:
+                parts.append(render())
+        return b"".join(parts)
+
+    def load(self) -> NodeLoad:
+        """What heartbeats report: queue, in flight, batch size, latency and tokens over the last beat."""
+        w = self._load
+        elapsed = w.elapsed()
+        queue_depth = in_flight = 0
+        transport_load = getattr(self.transport, "load", None)
+        if transport_load is not None:
+            queue_depth, in_flight = transport_load()
+        elif self.runtime is not None and self.runtime.batcher is not None:
+            queue_depth, in_flight = self.runtime.batcher.queue_depth, self.runtime.batcher.in_flight_requests
+        reg = self.engine_metrics.registry
+        bsum = w.delta("bsum", reg.get_sample_value("gazsi_batch_size_sum") or 0.0)
+        bcount = w.delta("bcount", reg.get_sample_value("gazsi_batch_size_count") or 0.0)
+        tokens = 0.0
+        buckets: list[tuple[float, float]] = []
+        for metric in self._request_families():
+            for sample in metric.samples:
+                if sample.name == "gazsi_tokens_total":
+                    tokens += sample.value
+                elif sample.name.endswith("_bucket") and sample.labels.get("stage") == "total":
+                    buckets.append((float(sample.labels["le"]), sample.value))
+        p50, p99 = latency_quantiles(w, _merge_buckets(buckets))
+        return NodeLoad(queue_depth=queue_depth, in_flight=in_flight,
+                        mean_batch_size=(bsum / bcount) if bcount else 0.0, p50_ms=p50, p99_ms=p99,
+                        tokens_per_s=w.delta("tokens", tokens) / elapsed, draining=self.draining)
+
+    def _request_families(self) -> Any:
+        metrics_dir = getattr(self.transport, "metrics_dir", "")
+        if not metrics_dir:
+            return self.request_metrics.registry.collect()
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+        return registry.collect()
+
+    # -- run-time changes --------------------------------------------------------------------
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """New request limits, in place: the pipeline's input rules and the listeners read them per request."""
+        self.settings.limits = limits
+        if self.pipeline is not None:
+            self.pipeline.rules.limits = limits
+        apply = getattr(self.transport, "apply_limits", None)
+        if apply is not None:
+            apply(limits)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Batching rules and limits change without a restart (Serve ``user_config``)."""
+        self.settings.batcher = settings.batcher
+        if self.runtime is not None:
+            self.runtime.reconfigure(settings.batcher)
+        self.apply_limits(settings.limits)
+        reconfigure = getattr(self.transport, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure()
+
+def _merge_buckets(buckets: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sum the cumulative bucket counts of several processes (same ``le`` bounds)."""
+    merged: dict[float, float] = {}
+    for le, count in buckets:
+        merged[le] = merged.get(le, 0.0) + count
+    return sorted(merged.items())

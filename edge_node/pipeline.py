@@ -1,0 +1,259 @@
+"""The request pipeline of an edge node: every transport hands it an HTTP request, it hands back the reply.
+
+Read top to bottom, a data request goes
+
+    route -> decode -> authorize (+ per-key limits) -> readiness -> validate and tokenize
+    -> reserve tokens -> embed (one :class:`~edge_node.embedders.Embedder` port) -> encode
+    -> record usage -> reply
+
+and any error on the way becomes a reply in exactly one place (:func:`gazsi_cluster.http.errors.error_reply`),
+after the peer forwarder had its chance at the errors a peer can fix (overloaded, model not here, not
+ready). The FastAPI app, the fast front's workers, the GPU data plane and a reverse tunnel all call
+:meth:`EdgePipeline.handle`; none of them validates, authorises, bills or formats errors on its own.
+Modelled on TEI's one handler per route over one ``Infer``.
+
+>>> reply = await pipeline.handle(HttpRequest("GET", "/inference", "d=hello"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+import numpy as np
+import orjson
+
+from edge_node.embedders import Embedder, Timing
+from edge_node.encode import embeddings_body, inference_body, models_body, shape_vectors
+from edge_node.inputs import InputRules
+from edge_node.metrics import RequestMetrics
+from edge_node.pages import CONTACTS_HTML, INDEX_HTML
+from gazsi_cluster.auth import Authorizer, Principal
+from gazsi_cluster.errors import (
+    GazsiError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    TooManyConnections,
+    UnknownModel,
+)
+from gazsi_cluster.http.errors import error_reply
+from gazsi_cluster.http.wire import HttpReply, HttpRequest
+from gazsi_cluster.protocol import EmbeddingRequest, decode_body
+
+__all__ = ["FORWARDED_HEADER", "EdgePipeline", "Forwarder", "GazsiResult", "ModelFacts"]
+
+log = logging.getLogger(__name__)
+
+FORWARDED_HEADER = "x-gazsi-forwarded"
+_HTML = "text/html; charset=utf-8"
+_OK = b'{"status":"ok"}'
+
+
+class Forwarder(Protocol):
+    async def forward(self, request: HttpRequest, *, model: str | None) -> HttpReply | None:
+        """Send the request to a peer that can take it; None when no peer could."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    model_id: str
+    dimensions: int
+    created: int
+
+
+@dataclass(slots=True)
+class GazsiResult:
+    """What GAZSI's ``/inference`` computed, before encoding (the GPU data plane encodes on the GPU)."""
+
+    text: str
+    tokens: int
+    sample: np.ndarray  # the first three dimensions
+    inference_us: int
+    batch_size: int
+    headers: list[tuple[str, str]]
+    marks: tuple[float, float]  # inference start and end (perf_counter), for the GPU ring's T-stamps
+
+
+def _use_cache(request: HttpRequest) -> bool:
+    return "no-cache" not in (request.headers.get("cache-control") or "").lower()
+
+
+class _Work:
+    """One request's state between stages: its timing marks and, once known, the model asked for."""
+
+    __slots__ = ("model", "timing")
+
+    def __init__(self, received: float) -> None:
+        self.timing = Timing(received=received)
+        self.model: str | None = None
+
+
+Route = Callable[[HttpRequest, _Work], Awaitable[HttpReply]]
+
+
+class EdgePipeline:
+    """One node's request handling, free of sockets and frameworks (tests call :meth:`handle`).
+
+    ``rules.limits`` and ``max_body_bytes`` may be replaced at run time (Serve ``reconfigure``).
+    """
+
+    def __init__(
+        self, *, model: ModelFacts, rules: InputRules, embedder: Embedder, authorizer: Authorizer,
+        metrics: RequestMetrics, readiness: Callable[[], dict[str, Any]], timing_header: bool = True,
+        forwarder: Forwarder | None = None,
+    ) -> None:
+        self.model, self.rules, self.embedder = model, rules, embedder
+        self.authorizer, self.metrics, self.readiness = authorizer, metrics, readiness
+        self.timing_header = timing_header
+        self.forwarder = forwarder
+        self.forwarded = 0
+        self._routes: dict[str, tuple[str, Route]] = {
+            "/v1/embeddings": ("POST", self._embeddings),
+            "/inference": ("GET", self._inference),
+            "/v1/models": ("GET", self._models),
+            "/healthz": ("GET", self._healthz),
+            "/readyz": ("GET", self._readyz),
+            "/index.": ("GET", self._index),
+            "/contacts.": ("GET", self._contacts),
+        }
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.rules.limits.max_body_bytes
+
+    # -- the one entry point ----------------------------------------------------------------
+    async def handle(self, request: HttpRequest) -> HttpReply:
+        """Answer ``request``; never raises (cancellation aside: a transport cancels on disconnect)."""
+        work = _Work(request.received)
+        route = self._routes.get(request.path)
+        name = request.path if route is not None else "unmatched"
+        try:
+            if route is None:
+                raise NotFound("Not Found")
+            method, run = route
+            if request.method != method and not (method == "GET" and request.method == "HEAD"):
+                raise MethodNotAllowed("Method Not Allowed")
+            if len(request.body) > self.max_body_bytes:
+                raise PayloadTooLarge(f"request body exceeds {self.max_body_bytes} bytes")
+            reply = await run(request, work)
+        except GazsiError as exc:
+            reply = await self._refused(request, work, exc)
+        except Exception as exc:  # a bug: the log keeps the stack, the client gets a generic 500
+            reply = error_reply(exc)
+        self.metrics.observe(name, reply.status, time.perf_counter() - request.received)
+        return reply
+
+    async def _refused(self, request: HttpRequest, work: _Work, exc: GazsiError) -> HttpReply:
+        """A peer may fix overload, a missing model or a node that is not ready: forward those once."""
+        if (self.forwarder is not None and FORWARDED_HEADER not in request.headers
+                and (isinstance(exc, (UnknownModel, ServiceUnavailable))
+                     or (isinstance(exc, Overloaded) and not isinstance(exc, TooManyConnections)))):
+            try:
+                reply = await self.forwarder.forward(request, model=work.model)
+            except Exception:
+                log.exception("forwarding to a peer failed")
+                reply = None
+            if reply is not None:
+                self.forwarded += 1
+                return reply
+        return error_reply(exc)
+
+    # -- shared stages -------------------------------------------------------------------
+    async def _authorize(self, request: HttpRequest, model: str | None) -> Principal:
+        return await self.authorizer.authorize(request.headers.get("authorization"), model=model)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model.model_id:
+            raise UnknownModel(f"The model `{model}` does not exist on this node.", param="model")
+
+    async def _embed(self, principal: Principal, seqs: list[np.ndarray], work: _Work, request: HttpRequest
+                     ) -> tuple[np.ndarray, int, int, int, str | None]:
+        """reserve tokens -> embed -> record usage; returns (vectors, tokens, batch, inference_us, cache)."""
+        timing = work.timing
+        timing.tokenized = time.perf_counter()
+        tokens = sum(len(s) for s in seqs)
+        model = self.model.model_id
+        await self.authorizer.reserve_tokens(principal, model=model, tokens=tokens)
+        done = await self.embedder.embed(seqs, timing, use_cache=_use_cache(request))
+        billed = tokens if done.computed_tokens is None else done.computed_tokens
+        await self.authorizer.record_usage(principal, model=model, tokens=billed, reserved=tokens)
+        return done.vectors, tokens, done.batch_size, done.inference_us, done.cache
+
+    def _headers(self, request: HttpRequest, principal: Principal, work: _Work, cache: str | None,
+                 tokens: int, inputs: int) -> list[tuple[str, str]]:
+        timing = work.timing
+        timing.serialized = time.perf_counter()
+        stages = timing.stages()
+        self.metrics.observe_work(stages, tokens, inputs)
+        headers = list(principal.headers)
+        if cache is not None:
+            headers.append(("X-Gazsi-Cache", cache))
+        if self.timing_header and request.headers.get("x-gazsi-timing") == "1":
+            headers.append(("Server-Timing", timing.header()))
+        return headers
+
+    # -- routes ----------------------------------------------------------------------------
+    async def _embeddings(self, request: HttpRequest, work: _Work) -> HttpReply:
+        body = decode_body(EmbeddingRequest, request.body)
+        work.model = body.model
+        principal = await self._authorize(request, body.model)
+        self.embedder.check_ready()
+        self._check_model(body.model)
+        if body.dimensions is not None and not 1 <= body.dimensions <= self.model.dimensions:
+            raise InvalidRequest(f"dimensions must be between 1 and {self.model.dimensions}", param="dimensions")
+        seqs = await self.rules.tokenize(body.input)
+        vectors, tokens, _batch, _us, cache = await self._embed(principal, seqs, work, request)
+        out = embeddings_body(shape_vectors(vectors, body.dimensions), model=self.model.model_id,
+                              prompt_tokens=tokens, encoding_format=body.encoding_format)
+        return HttpReply(200, out, self._headers(request, principal, work, cache, tokens, len(seqs)))
+
+    async def gazsi(self, request: HttpRequest, text: str | None) -> GazsiResult:
+        """``/inference`` up to (not including) the encode stage; the GPU data plane encodes on the GPU."""
+        work = _Work(request.received)
+        work.model = self.model.model_id
+        return await self._gazsi(request, work, text)
+
+    async def _gazsi(self, request: HttpRequest, work: _Work, text: str | None) -> GazsiResult:
+        if not text:
+            raise InvalidRequest("query parameter d must hold the text to embed", param="d")
+        principal = await self._authorize(request, self.model.model_id)
+        self.embedder.check_ready()
+        seqs = await self.rules.tokenize(text)
+        vectors, tokens, batch, infer_us, cache = await self._embed(principal, seqs, work, request)
+        headers = self._headers(request, principal, work, cache, tokens, 1)
+        return GazsiResult(text, tokens, vectors[0][:3], infer_us, batch, headers,
+                           (work.timing.infer_start, work.timing.infer_end))
+
+    async def _inference(self, request: HttpRequest, work: _Work) -> HttpReply:
+        text = None
+        for key, value in parse_qsl(request.query, keep_blank_values=True):
+            if key == "d":
+                text = value  # the last one wins, as in Starlette's QueryParams
+        work.model = self.model.model_id
+        r = await self._gazsi(request, work, text)
+        return HttpReply(200, inference_body(r.text, r.tokens, r.sample, r.inference_us, r.batch_size), r.headers)
+
+    async def _models(self, request: HttpRequest, work: _Work) -> HttpReply:
+        principal = await self._authorize(request, None)
+        return HttpReply(200, models_body([self.model.model_id], self.model.created), list(principal.headers))
+
+    async def _healthz(self, request: HttpRequest, work: _Work) -> HttpReply:
+        return HttpReply(200, _OK)
+
+    async def _readyz(self, request: HttpRequest, work: _Work) -> HttpReply:
+        detail = self.readiness()
+        return HttpReply(200 if detail.get("ready") else 503, orjson.dumps(detail))
+
+    async def _index(self, request: HttpRequest, work: _Work) -> HttpReply:
+        return HttpReply(200, INDEX_HTML, content_type=_HTML)
+
+    async def _contacts(self, request: HttpRequest, work: _Work) -> HttpReply:
+        return HttpReply(200, CONTACTS_HTML, content_type=_HTML)

@@ -1,0 +1,185 @@
+"""The worker's side of the ring: an :class:`~edge_node.embedders.Embedder` that sends token ids to the node
+process through shared memory and waits for the vectors.
+
+Worker ``w`` owns ring slots ``[w*S, (w+1)*S)`` outright: it fills a free slot, writes the slot's index
+into the node's request pipe, and the node's slot batcher writes the vectors back into the slot and
+the index into this worker's response pipe. A request larger than one slot spans several, sent one
+after another within the request deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+
+from edge_node.embedders import Embedded, Timing
+from edge_node.transports.fast.ring import (
+    DOWN_MARKER,
+    ENGINE_DRAINING,
+    ENGINE_FAILED,
+    ENGINE_LOADING,
+    ENGINE_UP,
+    M_BATCH,
+    M_INFER_US,
+    M_STATUS,
+    M_T_FORMED,
+    M_T_INFER0,
+    M_T_INFER1,
+    M_T_SUBMIT,
+    M_T_WOKEN,
+    SlotRing,
+    pack_indices,
+    unpack_indices,
+)
+from gazsi_cluster import errors as gz_errors
+from gazsi_cluster.errors import DeadlineExceeded, InvalidRequest, Overloaded, ServiceUnavailable
+
+__all__ = ["RingEmbedder"]
+
+_Part = tuple[np.ndarray, int, int]  # vectors, batch size, inference us
+
+
+class RingEmbedder:
+    """``embed`` through this worker's ring slots; ``on_responses`` is fed from the response pipe."""
+
+    def __init__(self, ring: SlotRing, worker: int, req_fd: int, timeout_s: float) -> None:
+        self.ring, self.worker, self.req_fd, self.timeout_s = ring, worker, req_fd, timeout_s
+        layout = ring.layout
+        self.layout = layout
+        first = worker * layout.slots_per_worker
+        self._free: list[int] = list(range(first + layout.slots_per_worker - 1, first - 1, -1))
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._abandoned: set[int] = set()
+        self._slot_freed = asyncio.Event()
+
+    # -- readiness -----------------------------------------------------------------------
+    def check_ready(self) -> None:
+        state = self.ring.state
+        # Draining: the listeners take no new connections, but what they accepted is still served.
+        if state in (ENGINE_UP, ENGINE_DRAINING):
+            return
+        if state == ENGINE_LOADING:
+            raise ServiceUnavailable("the model is still loading", retry_after=5)
+        if state == ENGINE_FAILED:
+            raise ServiceUnavailable("the model failed to load on this node", retry_after=30)
+        raise ServiceUnavailable("the engine is restarting", retry_after=1)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    # -- the response pipe ---------------------------------------------------------------
+    def on_responses(self, data: bytes) -> None:
+        """Slot indices answered by the node (or DOWN_MARKER: fail everything in flight)."""
+        woken = time.monotonic_ns()
+        meta = self.ring.meta
+        for slot in unpack_indices(data):
+            if slot == DOWN_MARKER:
+                self.fail_all()
+                continue
+            if slot >= self.layout.slots:
+                continue
+            meta[slot, M_T_WOKEN] = woken
+            if slot in self._abandoned:
+                self._abandoned.discard(slot)
+                self._release(slot)
+                continue
+            fut = self._waiting.pop(slot, None)
+            if fut is not None and not fut.done():
+                fut.set_result(slot)
+
+    def fail_all(self) -> None:
+        for slot in list(self._abandoned):
+            self._release(slot)
+        self._abandoned.clear()
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(ServiceUnavailable("the engine stopped; retry shortly", retry_after=1))
+
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+        self._slot_freed.set()
+
+    # -- embedding -----------------------------------------------------------------------
+    def _chunks(self, seqs: list[np.ndarray]) -> list[list[np.ndarray]]:
+        lay = self.layout
+        chunks: list[list[np.ndarray]] = [[]]
+        tokens = 0
+        for seq in seqs:
+            if len(seq) > lay.slot_tokens:
+                raise InvalidRequest("an input is longer than a ring slot holds", param="input")
+            if len(chunks[-1]) >= lay.slot_inputs or tokens + len(seq) > lay.slot_tokens:
+                chunks.append([])
+                tokens = 0
+            chunks[-1].append(seq)
+            tokens += len(seq)
+        return chunks
+
+    async def embed(self, seqs: list[np.ndarray], timing: Timing, *, use_cache: bool = True) -> Embedded:
+        self.check_ready()
+        deadline = time.monotonic() + self.timeout_s
+        timing.queued = time.perf_counter()
+        chunks = self._chunks(seqs)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if len(chunks) == 1:
+                    vectors, batch, infer_us = await self._run_chunk(chunks[0], deadline, True, timing)
+                    return Embedded(vectors, batch, infer_us)
+                # Sequential: bounded slots, bounded by the deadline.
+                parts = [await self._run_chunk(chunk, deadline, i == 0, timing) for i, chunk in enumerate(chunks)]
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"no result within the {self.timeout_s:g}s request deadline") from exc
+        return Embedded(np.concatenate([p[0] for p in parts]), max(p[1] for p in parts), max(p[2] for p in parts))
+
+    async def _run_chunk(self, chunk: list[np.ndarray], deadline: float, first: bool, timing: Timing) -> _Part:
+        while not self._free:
+            if first:
+                # Backpressure fails fast: no free slot at all means this worker is saturated.
+                raise Overloaded("The edge node is at capacity; retry shortly.", retry_after=1.0,
+                                 queued=self.layout.slots_per_worker, limit=self.layout.slots_per_worker)
+            self._slot_freed.clear()
+            await self._slot_freed.wait()  # bounded by the caller's deadline
+        self.check_ready()
+        slot = self._free.pop()
+        ring = self.ring
+        ring.write_request(slot, chunk, deadline)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[slot] = fut
+        ring.meta[slot, M_T_SUBMIT] = time.monotonic_ns()
+        try:
+            os.write(self.req_fd, pack_indices([slot]))
+        except OSError:
+            del self._waiting[slot]
+            self._release(slot)
+            raise ServiceUnavailable("the engine is restarting", retry_after=1) from None
+        try:
+            await fut
+        except BaseException:
+            if self._waiting.pop(slot, None) is not None:
+                # The client left (or the deadline passed): a zero deadline is the cancel signal the
+                # slot batcher honours before running a slot (rule 4); its answer frees the slot.
+                ring.deadline[slot] = 0.0
+                self._abandoned.add(slot)
+            elif not fut.done() or fut.exception() is not None:
+                self._release(slot)
+            raise
+        try:
+            meta = ring.meta[slot]
+            if int(meta[M_STATUS]) != 1:
+                kind, param, message, retry = ring.read_error(slot)
+                cls = getattr(gz_errors, kind, gz_errors.EngineError)
+                if not (isinstance(cls, type) and issubclass(cls, gz_errors.GazsiError)):
+                    cls = gz_errors.EngineError
+                if issubclass(cls, gz_errors._RetryableError):
+                    raise cls(message, param=param, retry_after=retry)
+                raise cls(message, param=param)
+            # One clock (CLOCK_MONOTONIC) for perf_counter and the ring's stamps: Server-Timing works here too.
+            timing.formed = int(meta[M_T_FORMED]) / 1e9
+            timing.infer_start, timing.infer_end = int(meta[M_T_INFER0]) / 1e9, int(meta[M_T_INFER1]) / 1e9
+            return np.array(ring.vectors[slot, : len(chunk)]), int(meta[M_BATCH]), int(meta[M_INFER_US])
+        finally:
+            self._release(slot)
