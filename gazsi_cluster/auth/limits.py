@@ -1,10 +1,11 @@
-"""Per-key token buckets: requests/min and tokens/min, in Redis (atomic, cluster-wide) or in-process.
+"""Per-key token buckets: requests/min and tokens/min, in Redis (atomic, cluster-wide), in shared
+memory (every process of one node, :mod:`gazsi_cluster.auth.shared_limits`) or in-process.
 
 A bucket holds up to ``capacity`` (the per-minute limit) and refills at ``capacity/60`` per second.
-Requests take 1 before they run; tokens are checked (bucket > 0) before and debited after the
-response, when the count is known, so a big request may push the bucket negative and the key
-waits until it refills. The Redis script reads Redis' own clock so replicas with skewed clocks
-still share one bucket.
+Requests take 1 before they run; a request's tokens are taken before it runs too (the input size
+is known after tokenising) and the difference is settled afterwards with ``force`` (a refund when
+the cache served part of it), so a large request cannot overdraw the bucket. The Redis script
+reads Redis' own clock so replicas with skewed clocks still share one bucket.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 from gazsi_cluster.auth._redis import RedisHealth
 
-__all__ = ["Decision", "LocalRateLimiter", "RateLimiter", "RedisRateLimiter"]
+__all__ = ["Decision", "LocalRateLimiter", "RateLimiter", "RedisRateLimiter", "bucket_step"]
 
 _LUA = """
 local capacity = tonumber(ARGV[1])
@@ -52,7 +53,9 @@ class Decision:
     retry_after_s: float  # until this request would be allowed (0 when allowed)
 
 
-def _decide(allowed: bool, tokens: float, capacity: int, per_s: float, cost: int) -> Decision:
+def decide(allowed: bool, tokens: float, capacity: int, cost: int) -> Decision:
+    """The :class:`Decision` for a bucket left at ``tokens`` (refill ``capacity`` per minute)."""
+    per_s = capacity / 60.0
     need = max(cost, 1) - tokens
     return Decision(
         allowed=allowed, limit=capacity, remaining=max(0, math.floor(tokens)),
@@ -61,47 +64,66 @@ def _decide(allowed: bool, tokens: float, capacity: int, per_s: float, cost: int
     )
 
 
+def bucket_step(
+    tokens: float, ts: float, now: float, *, capacity: int, cost: int, force: bool
+) -> tuple[bool, float]:
+    """Refill a bucket last touched at ``ts`` up to ``now`` and try to take ``cost``; returns
+    (allowed, tokens left). ``force`` always takes (down to ``-capacity``); ``cost=0`` only checks
+    that the bucket is positive."""
+    tokens = min(float(capacity), tokens + max(0.0, now - ts) * capacity / 60.0)
+    if force:
+        return True, max(-float(capacity), tokens - cost)
+    if tokens >= cost and tokens > 0:
+        return True, tokens - cost
+    return False, tokens
+
+
 class RateLimiter(Protocol):
+    #: Who shares the buckets: "process", "node" or "cluster" (shown by ``/readyz``).
+    scope: str
+
     async def acquire(self, bucket: str, *, capacity: int, cost: int = 1, force: bool = False) -> Decision:
         """Take ``cost`` from ``bucket`` if it holds enough (``cost=0``: only check it is positive);
-        ``force`` debits regardless (used after the fact for tokens)."""
+        ``force`` debits regardless (a settlement after the fact; negative ``cost`` refunds)."""
+        ...
 
 
 class LocalRateLimiter:
-    """The same buckets inside one process (embedded mode, or Redis down)."""
+    """The same buckets inside one process (a single-process node without Redis)."""
+
+    scope = "process"
 
     def __init__(self, *, max_buckets: int = 100_000) -> None:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._max = max_buckets
 
     def acquire_now(self, bucket: str, *, capacity: int, cost: int = 1, force: bool = False) -> Decision:
-        per_s = capacity / 60.0
         now = time.monotonic()
         tokens, ts = self._buckets.get(bucket, (float(capacity), now))
-        tokens = min(float(capacity), tokens + (now - ts) * per_s)
-        allowed = False
-        if force:
-            tokens, allowed = max(-float(capacity), tokens - cost), True
-        elif tokens >= cost and tokens > 0:
-            tokens, allowed = tokens - cost, True
+        allowed, tokens = bucket_step(tokens, ts, now, capacity=capacity, cost=cost, force=force)
         self._buckets[bucket] = (tokens, now)
         self._buckets.move_to_end(bucket)
         if len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
-        return _decide(allowed, tokens, capacity, per_s, cost)
+        return decide(allowed, tokens, capacity, cost)
 
     async def acquire(self, bucket: str, *, capacity: int, cost: int = 1, force: bool = False) -> Decision:
         return self.acquire_now(bucket, capacity=capacity, cost=cost, force=force)
 
 
 class RedisRateLimiter:
-    """Buckets in Redis, one Lua call per decision; falls back to in-process buckets while Redis is down."""
+    """Buckets in Redis, one Lua call per decision; ``fallback`` (the node's shared buckets, or
+    in-process ones) decides while Redis is down."""
 
-    def __init__(self, redis: Any, health: RedisHealth, *, prefix: str = "gazsi:rl:") -> None:
+    scope = "cluster"
+
+    def __init__(
+        self, redis: Any, health: RedisHealth, *, prefix: str = "gazsi:rl:", fallback: RateLimiter | None = None
+    ) -> None:
         self.redis = redis
         self.health = health
         self.prefix = prefix
-        self.fallback = LocalRateLimiter()
+        self.fallback: RateLimiter = fallback if fallback is not None else LocalRateLimiter()
         self._script = redis.register_script(_LUA)
 
     async def acquire(self, bucket: str, *, capacity: int, cost: int = 1, force: bool = False) -> Decision:
@@ -116,5 +138,5 @@ class RedisRateLimiter:
                 self.health.failed(exc)
             else:
                 self.health.ok()
-                return _decide(bool(allowed), float(tokens), capacity, capacity / 60.0, cost)
-        return self.fallback.acquire_now(bucket, capacity=capacity, cost=cost, force=force)
+                return decide(bool(allowed), float(tokens), capacity, cost)
+        return await self.fallback.acquire(bucket, capacity=capacity, cost=cost, force=force)
