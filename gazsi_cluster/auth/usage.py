@@ -55,6 +55,7 @@ class UsageBuffer:
         self._lock = asyncio.Lock()
         self._next_scan = 0.0
         self.dropped = 0
+        self.journal_errors = 0
         self.replayed_segments = 0
 
     def open(self) -> None:
@@ -66,21 +67,28 @@ class UsageBuffer:
             cached_tokens: int = 0) -> None:
         """O(1) and synchronous (one ``write(2)`` with a journal): the request path never waits for
         the database."""
-        if self.journal is not None:
-            self.journal.append(key_id, model, day, requests, tokens, cached_tokens)
-        slot = self._rows.get((key_id, model, day))
-        if slot is None:
-            if len(self._rows) >= self.max_rows:
-                if self.journal is not None:
-                    # Memory holds one segment's rows at most: seal it and start another.
-                    self._seal()
-                    self._rows[(key_id, model, day)] = [requests, tokens, cached_tokens]
-                    return
+        key = (key_id, model, day)
+        slot = self._rows.get(key)
+        if slot is None and len(self._rows) >= self.max_rows:
+            if self.journal is None:
                 self.dropped += 1
                 self._on_drop(1)
                 self._wake.set()
                 return
-            slot = self._rows[(key_id, model, day)] = [0, 0, 0]
+            # Memory holds one segment's rows at most: seal it (before this line is written, so
+            # the sealed file and its rows agree) and start another.
+            self._seal()
+        if self.journal is not None:
+            try:
+                self.journal.append(key_id, model, day, requests, tokens, cached_tokens)
+            except OSError as exc:
+                # A full or failing disk must not fail the request that was already served: the
+                # increment stays in memory (written with the next flush) and the failure counted.
+                self.journal_errors += 1
+                if self.journal_errors == 1 or self.journal_errors % 1000 == 0:
+                    log.error("usage journal write failed (%s); %d failures so far", exc, self.journal_errors)
+        if slot is None:
+            slot = self._rows[key] = [0, 0, 0]
             if len(self._rows) >= self.max_rows // 2:
                 self._wake.set()
         slot[0] += requests
