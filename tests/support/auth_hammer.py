@@ -39,8 +39,7 @@ async def hammer(cfg: dict[str, Any]) -> dict[str, Any]:
     try:
         # Warm the key cache before the clock starts; the bucket refills to full while we wait.
         await auth.authorize(header, model="m")
-        while time.time() < cfg["start_at"]:
-            await asyncio.sleep(0.001)
+        await asyncio.sleep(max(0.0, cfg["start_at"] - time.time()))
         end = cfg["start_at"] + cfg["seconds"]
         while time.time() < end:
             try:

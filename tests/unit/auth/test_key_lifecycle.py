@@ -94,7 +94,7 @@ async def test_daily_budget_is_charged_before_the_work_and_resets(auth: KeyAutho
     await auth.record_usage(p, model="m", tokens=60, reserved=60)
     await auth.reserve_tokens(p, model="m", tokens=40)
     await auth.record_usage(p, model="m", tokens=40, reserved=40)
-    with pytest.raises(QuotaExceeded, match="daily token budget of 100 tokens .* is spent; it resets at 2027-01-16"):
+    with pytest.raises(QuotaExceeded, match=r"daily token budget of 100 tokens .* is spent; it resets at 2027-01-16"):
         await auth.authorize(bearer(new.key), model="m")
     clock.now += DAY  # a new UTC day, a new budget
     p = await auth.authorize(bearer(new.key), model="m")
