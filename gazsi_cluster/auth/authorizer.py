@@ -26,14 +26,22 @@ from gazsi_cluster.auth._redis import RedisHealth
 from gazsi_cluster.auth.admin import KeyAdmin
 from gazsi_cluster.auth.keycache import KeyEventWatcher, LocalKeyCache, RedisKeyTier, parse_change
 from gazsi_cluster.auth.keys import KeyRecord, format_utc, hash_key, parse_bearer
-from gazsi_cluster.auth.limits import Decision, LocalRateLimiter, RateLimiter, RedisRateLimiter
+from gazsi_cluster.auth.limits import (
+    Decision,
+    LocalRateLimiter,
+    Op,
+    Outcome,
+    RateLimiter,
+    RedisRateLimiter,
+    decide,
+)
 from gazsi_cluster.auth.metrics import AuthMetrics
-from gazsi_cluster.auth.quotas import Counters, LocalCounters, QuotaBook, RedisCounters, SharedCounters
+from gazsi_cluster.auth.quotas import Period, QuotaBook, periods
 from gazsi_cluster.auth.store import KeyEvent, KeyStore
 from gazsi_cluster.auth.usage import UsageBuffer, utc_day
 from gazsi_cluster.auth.usage_journal import UsageJournal
 from gazsi_cluster.config import AuthConfig
-from gazsi_cluster.errors import AuthenticationError, GazsiError, KeyRevoked, RateLimited
+from gazsi_cluster.errors import AuthenticationError, GazsiError, KeyRevoked, RateLimited, ServiceUnavailable
 
 __all__ = ["KeyAuthorizer"]
 
@@ -62,20 +70,16 @@ class KeyAuthorizer:
         self.local = LocalKeyCache(ttl_s=config.cache_ttl_s, max_size=config.cache_size)
         self.tier = RedisKeyTier(redis, self.redis_health, ttl_s=config.redis_cache_ttl_s) if redis else None
         self.node_limiter: RateLimiter = limiter if limiter is not None else LocalRateLimiter()
-        counters: Counters = (
-            SharedCounters(limiter) if hasattr(limiter, "counter_charge") else LocalCounters()
-        )
         self.limiter: RateLimiter = self.node_limiter
         if redis is not None:
             self.limiter = RedisRateLimiter(redis, self.redis_health, fallback=self.node_limiter)
-            counters = RedisCounters(redis, self.redis_health, fallback=counters)
         self.usage = UsageBuffer(
             store, max_rows=config.usage_buffer_rows, flush_interval_s=config.usage_flush_interval_s,
             on_drop=self.metrics.usage_dropped.inc,
             on_flush=lambda ok: self.metrics.usage_flushes.labels("ok" if ok else "error").inc(),
             journal=UsageJournal(journal_dir) if journal_dir is not None else None,
         )
-        self.quotas = QuotaBook(store, counters, before_seed=self.usage.flush, refresh_s=config.quota_refresh_s)
+        self.quotas = QuotaBook(store, self.limiter, before_seed=self.usage.flush, refresh_s=config.quota_refresh_s)
         self.admin = KeyAdmin(store, env=config.key_env, redis=redis, redis_ttl_s=config.redis_cache_ttl_s,
                               on_change=self._on_change, clock=clock, journal_dir=journal_dir)
         self.watcher = (
@@ -155,13 +159,14 @@ class KeyAuthorizer:
         """Take the request's tokens from the key's tokens/minute bucket and budgets before it runs.
 
         A request larger than the key's whole per-minute limit can never fit: it is refused with
-        a message saying so instead of an invitation to retry forever. All or nothing: what one
-        limit took is given back when another refuses.
+        a message saying so instead of an invitation to retry forever. All or nothing, in one
+        step (one Redis round trip): when one limit refuses, none is charged.
         """
         record = await self._record_for(principal)
         if record is None or tokens <= 0:
             return
         now = self.clock()
+        ops: list[Op] = []
         if record.tpm:
             if tokens > record.tpm:
                 raise RateLimited(
@@ -169,18 +174,20 @@ class KeyAuthorizer:
                     f"key {record.prefix}… may use; split it into smaller requests.",
                     retry_after=60.0, key_id=record.id,
                 )
-            tok = await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=tokens)
-            if not tok.allowed:
+            ops.append(Op(f"tpm:{record.id}", record.tpm, tokens))
+        ps = periods(record, now)
+        ops += [p.op(tokens) for p in ps]
+        if not ops:
+            return
+        out = await self._apply(record, ops, ps)
+        if not out.ok:
+            i = out.refused
+            if record.tpm and i == 0:
                 headers: dict[str, str] = {}
-                self._headers(headers, "Tokens", tok)
-                raise self._limited(f"tokens per minute ({record.tpm})", tok, headers, record)
-        if record.daily_quota or record.monthly_quota:
-            try:
-                await self.quotas.reserve(record, now, tokens)
-            except GazsiError:
-                if record.tpm:
-                    await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=-tokens, force=True)
-                raise
+                d = decide(False, out.values[0], record.tpm, tokens)
+                self._headers(headers, "Tokens", d)
+                raise self._limited(f"tokens per minute ({record.tpm})", d, headers, record)
+            raise self.quotas.exceeded(record, ps[i - bool(record.tpm)], now, out.values[i], tokens)
 
     async def record_usage(
         self, principal: Principal, *, model: str, tokens: int, reserved: int = 0, cached_tokens: int = 0,
@@ -193,11 +200,15 @@ class KeyAuthorizer:
         if record is None:
             return
         delta = tokens - reserved
-        if record.tpm and delta:
-            # Negative cost = refund (the cache served part of what was reserved).
-            await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=delta, force=True)
-        if record.daily_quota or record.monthly_quota:
-            await self.quotas.settle(record, now, delta)
+        if not delta:
+            return
+        # Forced: what was served is billed whatever the limits say now; a negative delta refunds
+        # (the cache served part of what was reserved).
+        ps = periods(record, now)
+        ops = [Op(f"tpm:{record.id}", record.tpm, delta, force=True)] if record.tpm else []
+        ops += [p.op(delta, force=True) for p in ps]
+        if ops:
+            await self._apply(record, ops, ps)
 
     async def _record_for(self, principal: Principal) -> KeyRecord | None:
         record = self._recent.get(principal.key_id)
@@ -276,22 +287,52 @@ class KeyAuthorizer:
 
     # -- limits --------------------------------------------------------------------------
     async def _check_limits(self, record: KeyRecord, now: float) -> tuple[tuple[str, str], ...]:
-        headers: dict[str, str] = {}
-        if record.daily_quota or record.monthly_quota:
-            await self.quotas.check(record, now)
-        # Peek tokens before taking a request slot, so a request refused for tokens costs no slot.
+        """Budgets left, tokens/minute positive, and one request slot: one all-or-nothing step, so
+        a request refused for its budget or tokens costs no request slot."""
+        ps = periods(record, now)
+        ops = [p.op(0) for p in ps]
         if record.tpm:
-            tok = await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=0)
-            self._headers(headers, "Tokens", tok)
-            if not tok.allowed:
-                raise self._limited(f"tokens per minute ({record.tpm})", tok, headers, record)
+            ops.append(Op(f"tpm:{record.id}", record.tpm, 0))
         if record.rpm:
-            req = await self.limiter.acquire(f"rpm:{record.id}", capacity=record.rpm, cost=1)
+            ops.append(Op(f"rpm:{record.id}", record.rpm, 1))
+        if not ops:
+            return ()
+        if ps:
+            await self.quotas.refresh(record, ps)
+        out = await self._apply(record, ops, ps)
+        headers: dict[str, str] = {}
+        i = len(ps)
+        tok = req = None
+        if record.tpm:
+            tok = decide(out.refused != i, out.values[i], record.tpm, 0)
+            self._headers(headers, "Tokens", tok)
+            i += 1
+        if record.rpm:
+            req = decide(out.refused != i, out.values[i], record.rpm, 1)
             self._headers(headers, "Requests", req)
-            if not req.allowed:
-                raise self._limited(f"requests per minute ({record.rpm})", req, headers, record)
         self._set_degraded()
+        if not out.ok:
+            if out.refused < len(ps):
+                raise self.quotas.exceeded(record, ps[out.refused], now, out.values[out.refused], None)
+            if tok is not None and not tok.allowed:
+                raise self._limited(f"tokens per minute ({record.tpm})", tok, headers, record)
+            assert req is not None
+            raise self._limited(f"requests per minute ({record.rpm})", req, headers, record)
         return tuple(headers.items())
+
+    async def _apply(self, record: KeyRecord, ops: list[Op], ps: tuple[Period, ...]) -> Outcome:
+        """``limiter.apply``, seeding budget counters the limiter does not hold yet from the store."""
+        out = await self.limiter.apply(ops)
+        for _ in range(len(ps)):
+            if out.unseeded < 0:
+                break
+            period = next(p for p in ps if p.counter == ops[out.unseeded].name)
+            ops[out.unseeded] = period.op(ops[out.unseeded].cost, force=ops[out.unseeded].force,
+                                          seed=await self.quotas.seed(record, period))
+            out = await self.limiter.apply(ops)
+        if out.unseeded >= 0:
+            raise ServiceUnavailable("budget counters could not be seeded; try again", retry_after=1.0)
+        return out
 
     @staticmethod
     def _headers(out: dict[str, str], kind: str, d: Decision) -> None:

@@ -14,7 +14,7 @@ Timestamps are ``time.monotonic()``: CLOCK_MONOTONIC is one clock for every proc
 
 >>> buckets = SharedBuckets.create(entries=65_536)           # the node process   # doctest: +SKIP
 >>> worker = SharedBuckets.attach(buckets.name)               # each worker        # doctest: +SKIP
->>> await worker.acquire("rpm:key_1", capacity=60)            # doctest: +SKIP
+>>> await worker.apply([Op("rpm:key_1", 60, cost=1)])          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from multiprocessing import shared_memory
 from typing import Any
 
-from gazsi_cluster.auth.limits import Decision, bucket_step, decide
+from gazsi_cluster.auth.limits import Decision, Op, Outcome, bucket_step, counter_step, decide, outcome_of
 from gazsi_cluster.errors import ConfigError
 
 __all__ = ["SharedBuckets"]
@@ -144,32 +144,41 @@ class SharedBuckets:
         return h
 
     @contextmanager
-    def _locked(self, h: int) -> Iterator[tuple[int, int]]:
-        """Hold ``h``'s stripe; yields (first entry of the stripe, home index inside it)."""
+    def _locked(self, stripes: Sequence[int]) -> Iterator[None]:
+        """Hold ``stripes`` (sorted, distinct: every process locks in the same order, so two
+        requests on overlapping stripes cannot deadlock)."""
         if self._buf is None:
             raise ConfigError("the shared limits table is closed")
-        stripe = h % self.stripes
         with self._thread_lock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, stripe)
+            held: list[int] = []
             try:
-                yield stripe * self._per_stripe, (h // self.stripes) % self._per_stripe
+                for stripe in stripes:
+                    fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, stripe)
+                    held.append(stripe)
+                yield
             finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, stripe)
+                for stripe in reversed(held):
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, stripe)
 
-    def _slot(self, h: int, base: int, home: int, *, create: bool) -> tuple[int, bool]:
-        """(byte offset of ``h``'s entry, whether it already held ``h``); caller holds the stripe.
+    def _slot(self, h: int, *, create: bool, claimed: frozenset[int] | set[int] = frozenset()) -> tuple[int, bool]:
+        """(byte offset of ``h``'s entry, whether it already held ``h``); caller holds its stripe.
 
-        Probing stops at the first empty slot: entries are only ever overwritten, never emptied,
-        so ``h`` cannot sit beyond one. A full window replaces its least recently touched entry
-        (an idle bucket is a full one anyway, so that loses nothing a minute later).
+        Probing stays inside the stripe and stops at the first empty slot: entries are only ever
+        overwritten, never emptied, so ``h`` cannot sit beyond one. A full window replaces its
+        least recently touched entry (an idle bucket is a full one anyway, so that loses nothing
+        a minute later; an idle counter is read again from the key store). ``claimed``: slots
+        already chosen for other names of the same request, not yet written (skipped).
         """
         buf, per = self._buf, self._per_stripe
+        base, home = (h % self.stripes) * per, (h // self.stripes) % per
         oldest_off, oldest_ts = -1, float("inf")
         for i in range(self._probes):
             off = _HEADER_BYTES + (base + (home + i) % per) * _ENTRY.size
             key, _value, ts = _ENTRY.unpack_from(buf, off)
             if key == h:
                 return off, True
+            if off in claimed:
+                continue
             if key == 0:
                 return off, False
             if ts < oldest_ts:
@@ -179,55 +188,67 @@ class SharedBuckets:
         return oldest_off, False
 
     # -- RateLimiter -----------------------------------------------------------------------
-    def acquire_now(self, bucket: str, *, capacity: int, cost: int = 1, force: bool = False) -> Decision:
-        h = self._key(bucket)
-        with self._locked(h) as (base, home):
-            off, found = self._slot(h, base, home, create=True)
+    def apply_now(self, ops: Sequence[Op]) -> Outcome:
+        """Apply every op or none, holding the stripes of all of them (see limits.Op)."""
+        hashes = [self._key(op.name) for op in ops]
+        with self._locked(sorted({h % self.stripes for h in hashes})):
             now = time.monotonic()
-            if found:
-                _key, tokens, ts = _ENTRY.unpack_from(self._buf, off)
-            else:
-                tokens, ts = float(capacity), now
-            allowed, tokens = bucket_step(tokens, ts, now, capacity=capacity, cost=cost, force=force)
-            _ENTRY.pack_into(self._buf, off, h, tokens, now)
-        return decide(allowed, tokens, capacity, cost)
+            buf = self._buf
+            slots: list[tuple[int, bool]] = []
+            steps: list[tuple[bool, float, float] | None] = []
+            claimed: set[int] = set()
+            for op, h in zip(ops, hashes, strict=True):
+                off, found = self._slot(h, create=True, claimed=claimed)
+                if off < 0:
+                    raise ConfigError("shared limits table: every slot of a probe window is taken by one "
+                                      "request (raise auth.node_limit_entries)")
+                claimed.add(off)
+                slots.append((off, found))
+                if op.counter:
+                    used = _ENTRY.unpack_from(buf, off)[1] if found else op.seed
+                    if used is None:
+                        steps.append(None)
+                        continue
+                    allowed, after = counter_step(used, limit=op.limit, cost=op.cost, force=op.force)
+                    steps.append((allowed, used, after))
+                else:
+                    _k, tokens, ts = _ENTRY.unpack_from(buf, off) if found else (h, float(op.limit), now)
+                    steps.append(bucket_step(tokens, ts, now, capacity=op.limit, cost=op.cost, force=op.force))
+            out = outcome_of(ops, steps)
+            if out.ok:
+                for h, (off, _found), value in zip(hashes, slots, out.values, strict=True):
+                    _ENTRY.pack_into(buf, off, h, value, now)
+        return out
+
+    async def apply(self, ops: Sequence[Op]) -> Outcome:
+        # Microseconds under locks no process holds for longer: not worth a thread hop.
+        return self.apply_now(ops)
+
+    def acquire_now(self, bucket: str, *, capacity: int, cost: int = 1, force: bool = False) -> Decision:
+        out = self.apply_now([Op(bucket, capacity, cost, force)])
+        return decide(out.ok, out.values[0], capacity, cost)
 
     async def acquire(self, bucket: str, *, capacity: int, cost: int = 1, force: bool = False) -> Decision:
-        # Microseconds under a lock no process holds for longer: not worth a thread hop.
         return self.acquire_now(bucket, capacity=capacity, cost=cost, force=force)
 
-    # -- counters (quotas) -----------------------------------------------------------------
-    def counter_charge(self, name: str, *, limit: int, cost: int, force: bool = False) -> tuple[bool, int] | None:
-        """Add ``cost`` if the counter stays within ``limit`` (always with ``force``); returns
-        (allowed, value after), or None when the counter is absent (seed it first)."""
+    # -- counters (budgets) ----------------------------------------------------------------
+    def lift_now(self, name: str, value: int) -> int:
+        """Raise a counter to at least ``value`` (create it if absent); returns its value."""
         h = self._key(name)
-        with self._locked(h) as (base, home):
-            off, found = self._slot(h, base, home, create=False)
-            if not found:
-                return None
-            _key, value, _ts = _ENTRY.unpack_from(self._buf, off)
-            allowed = force or value + cost <= limit
-            if allowed:
-                value = value + cost
-                _ENTRY.pack_into(self._buf, off, h, value, time.monotonic())
-        return allowed, int(value)
-
-    def counter_seed(self, name: str, value: int, *, raise_to: bool = False) -> int:
-        """Set an absent counter to ``value``; ``raise_to`` also lifts a present one to at least
-        ``value`` (never lowers it). Returns the counter's value."""
-        h = self._key(name)
-        with self._locked(h) as (base, home):
-            off, found = self._slot(h, base, home, create=True)
+        with self._locked([h % self.stripes]):
+            off, found = self._slot(h, create=True)
             current = _ENTRY.unpack_from(self._buf, off)[1] if found else None
-            if current is None or (raise_to and value > current):
-                current = float(value)
+            current = float(value) if current is None else max(current, float(value))
             _ENTRY.pack_into(self._buf, off, h, current, time.monotonic())
         return int(current)
 
+    async def lift(self, name: str, value: int, *, ttl_s: int = 86_400) -> None:
+        self.lift_now(name, value)
+
     def counter_get(self, name: str) -> int | None:
         h = self._key(name)
-        with self._locked(h) as (base, home):
-            off, found = self._slot(h, base, home, create=False)
+        with self._locked([h % self.stripes]):
+            off, found = self._slot(h, create=False)
             return int(_ENTRY.unpack_from(self._buf, off)[1]) if found else None
 
     def status(self) -> dict[str, Any]:

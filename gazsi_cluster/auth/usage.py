@@ -59,9 +59,15 @@ class UsageBuffer:
         self.replayed_segments = 0
 
     def open(self) -> None:
-        """Start the journal (creates its directory and lock); a no-op without one."""
+        """Start the journal (creates its directory and lock); a no-op without one. A journal
+        that cannot be created (read-only data directory) is turned off, loudly, not fatal."""
         if self.journal is not None:
-            self.journal.open()
+            try:
+                self.journal.open()
+            except OSError as exc:
+                log.error("usage journal disabled: cannot write %s (%s); buffered usage is lost if this "
+                          "process dies before a flush", self.journal.directory, exc)
+                self.journal = None
 
     def add(self, key_id: str, model: str, day: date, *, requests: int = 1, tokens: int = 0,
             cached_tokens: int = 0) -> None:

@@ -9,10 +9,6 @@ from each other), each building its own ``KeyAuthorizer`` the way every edge pro
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +17,10 @@ import pytest
 from gazsi_cluster.auth.admin import KeyAdmin
 from gazsi_cluster.auth.shared_limits import SharedBuckets
 from gazsi_cluster.auth.store import open_store
+from tests.support.auth_hammer import run_hammers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 
-ROOT = Path(__file__).resolve().parents[3]
 SECONDS = 3.0
 
 
@@ -51,22 +47,6 @@ async def usage_tokens(data_dir: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-async def run_hammers(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.support.auth_hammer", json.dumps(cfg), cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        for cfg in configs
-    ]
-    results = []
-    for p in procs:
-        out, err = await asyncio.wait_for(p.communicate(), 90)
-        assert p.returncode == 0, err.decode()[-3000:]
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
-    return results
-
-
 def expected(limit: int, seconds: float) -> float:
     """A full bucket plus its refill over the window (limit/60 per second)."""
     return limit + limit / 60.0 * seconds
@@ -76,9 +56,8 @@ async def test_node_table_holds_rpm_across_worker_processes(tmp_path: Path) -> N
     rpm, workers = 600, 4
     key = await make_key(tmp_path, rpm=rpm)
     with SharedBuckets.create(entries=4096) as table:
-        start_at = time.time() + 5.0
         results = await run_hammers([
-            {"data_dir": str(tmp_path), "key": key, "start_at": start_at, "seconds": SECONDS, "table": table.name}
+            {"data_dir": str(tmp_path), "key": key, "seconds": SECONDS, "table": table.name}
             for _ in range(workers)
         ])
     allowed = sum(r["ok"] for r in results)
@@ -93,9 +72,8 @@ async def test_control_without_the_table_each_process_gets_the_whole_limit(tmp_p
     # What issue 18 found on the 4-worker fast front: per-process buckets multiply the limit.
     rpm, workers = 600, 2
     key = await make_key(tmp_path, rpm=rpm)
-    start_at = time.time() + 4.0
     results = await run_hammers([
-        {"data_dir": str(tmp_path), "key": key, "start_at": start_at, "seconds": SECONDS} for _ in range(workers)
+        {"data_dir": str(tmp_path), "key": key, "seconds": SECONDS} for _ in range(workers)
     ])
     allowed = sum(r["ok"] for r in results)
     assert allowed > 1.8 * expected(rpm, SECONDS)
@@ -111,18 +89,16 @@ async def test_two_edges_with_redis_hold_rpm_tpm_and_daily_budget(tmp_path: Path
     try:
         base = {"data_dir": str(tmp_path), "redis_url": redis_url, "seconds": SECONDS}
         # Run 1: every process of both edges on one requests/min key.
-        start_at = time.time() + 6.0
         rpm_results = await run_hammers([
-            {**base, "key": rpm_key, "start_at": start_at, "table": t.name, "seed": i}
+            {**base, "key": rpm_key, "table": t.name, "seed": i}
             for t in tables for i in range(workers)
         ])
         # Run 2: tokens/min and the daily budget at once, each key on processes of both edges.
-        start_at = time.time() + 6.0
         configs = []
         for e, t in enumerate(tables):
             for i in range(workers):
                 key = tpm_key if i % 2 == 0 else budget_key
-                configs.append({**base, "key": key, "start_at": start_at, "table": t.name, "tokens": [5, 50],
+                configs.append({**base, "key": key, "table": t.name, "tokens": [5, 50],
                                 "seed": 10 * e + i})
         token_results = await run_hammers(configs)
     finally:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from gazsi_cluster.auth import shared_limits
+from gazsi_cluster.auth.limits import Op, Outcome
 from gazsi_cluster.auth.shared_limits import SharedBuckets
 from gazsi_cluster.errors import ConfigError
 
@@ -71,16 +72,37 @@ def test_attached_handle_sees_the_same_buckets(table: SharedBuckets) -> None:
 
 
 def test_counters_seed_charge_and_lift(table: SharedBuckets) -> None:
-    assert table.counter_charge("q", limit=10, cost=1) is None  # absent: the caller seeds from the store
+    def charge(cost: int, *, force: bool = False, seed: int | None = None) -> Outcome:
+        return table.apply_now([Op("q", 10, cost, force, counter=True, seed=seed)])
+
+    absent = charge(1)
+    assert not absent.ok and absent.unseeded == 0  # the caller seeds from the store and retries
     assert table.counter_get("q") is None
-    assert table.counter_seed("q", 4) == 4
-    assert table.counter_seed("q", 0) == 4  # set-if-absent
-    assert table.counter_charge("q", limit=10, cost=6) == (True, 10)
-    assert table.counter_charge("q", limit=10, cost=1) == (False, 10)
-    assert table.counter_charge("q", limit=10, cost=-3, force=True) == (True, 7)
-    assert table.counter_seed("q", 5, raise_to=True) == 7  # never lowered
-    assert table.counter_seed("q", 9, raise_to=True) == 9
-    assert table.counter_get("q") == 9
+    assert charge(6, seed=4) == Outcome(True, -1, -1, (10.0,))
+    assert charge(0, seed=0) == Outcome(False, 0, -1, (10.0,))  # spent: nothing left to check out
+    assert charge(-3, force=True).values == (7.0,)
+    assert charge(3).ok and not charge(1).ok
+    assert table.lift_now("q", 5) == 10  # never lowered
+    assert table.lift_now("q", 12) == 12 and table.counter_get("q") == 12
+
+
+def test_one_request_is_all_or_nothing(table: SharedBuckets) -> None:
+    ops = [Op("q:k:d", 100, 0, counter=True, seed=0), Op("tpm:k", 50, 0), Op("rpm:k", 2, 1)]
+    assert table.apply_now(ops).ok and table.apply_now(ops).ok
+    refused = table.apply_now(ops)
+    assert not refused.ok and refused.refused == 2 and refused.values[2] < 1
+    big = [Op("tpm:k", 50, 40), Op("q:k:d", 100, 120, counter=True)]
+    assert table.apply_now(big).refused == 1
+    assert table.acquire_now("tpm:k", capacity=50, cost=0).remaining == 50  # tpm was not taken
+
+
+def test_names_in_one_stripe_get_their_own_slots(clock: FakeMonotonic) -> None:
+    # One stripe of 4 slots: a request's 3 absent names must not share the first empty slot.
+    with SharedBuckets.create(entries=4, stripes=1) as t:
+        ops = [Op("a", 10, 1), Op("b", 20, 2), Op("c", 30, 3, counter=True, seed=5)]
+        assert t.apply_now(ops).values == (9.0, 18.0, 8.0)
+        assert t.apply_now([Op("a", 10, 0)]).values == (9.0,)
+        assert t.counter_get("c") == 8
 
 
 def test_a_full_table_replaces_the_least_recently_used(clock: FakeMonotonic) -> None:

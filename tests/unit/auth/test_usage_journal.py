@@ -168,3 +168,13 @@ async def test_keys_usage_reads_through_unapplied_journals(store: FlakyStore, tm
     assert totals(await admin.usage(ident=key.id)) == (3, 15, 6)
     assert totals(await admin.usage(ident=key.id, since=date(2026, 11, 23))) == (0, 0, 0)
     b.close()
+
+
+async def test_an_unwritable_journal_directory_turns_the_journal_off(store: FlakyStore, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    b = UsageBuffer(store, journal=UsageJournal(blocker / "j"))  # type: ignore[arg-type]
+    b.open()
+    assert b.journal is None
+    b.add("k", "m", DAY, tokens=1)
+    assert await b.flush() and totals(await store.usage()) == (1, 1, 0)
