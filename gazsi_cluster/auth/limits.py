@@ -200,11 +200,11 @@ class _Single:
 
 
 class LocalRateLimiter(_Single):
-    """The same limits inside one process (a single-process node without Redis)."""
+    """The same limits inside one process. ``scope="node"`` when that process is the whole node
+    (a single-process edge), so ``/readyz`` says so."""
 
-    scope = "process"
-
-    def __init__(self, *, max_items: int = 100_000) -> None:
+    def __init__(self, *, max_items: int = 100_000, scope: str = "process") -> None:
+        self.scope = scope
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._counters: OrderedDict[str, float] = OrderedDict()
         self._max = max_items

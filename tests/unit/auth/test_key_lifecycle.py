@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gazsi_cluster.auth.authorizer import KeyAuthorizer
+from gazsi_cluster.auth.limits import LocalRateLimiter
 from gazsi_cluster.auth.shared_limits import SharedBuckets
 from gazsi_cluster.auth.store import open_store
 from gazsi_cluster.config import AuthConfig
@@ -192,7 +193,10 @@ async def test_changes_reach_another_authorizer_through_the_change_feed(tmp_path
 
 async def test_status_says_where_limits_hold(tmp_path: Path) -> None:
     alone = make(tmp_path / "a", Clock())
-    assert alone.status()["limits_scope"] == "process"
+    assert alone.status()["limits_scope"] == "process" and "per process" in alone.status()["limits_note"]
+    whole_node = KeyAuthorizer(open_store(None, tmp_path / "c"), AuthConfig(),
+                               limiter=LocalRateLimiter(scope="node"))  # a single-process edge
+    assert whole_node.status()["limits_scope"] == "node"
     with SharedBuckets.create(entries=256, stripes=4) as table:
         node = KeyAuthorizer(open_store(None, tmp_path / "b"), AuthConfig(), limiter=table)
         status = node.status()
