@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))  # run as a script: tests.support and benchmarks i
 
 from gazsi_cluster.auth.admin import KeyAdmin  # noqa: E402
 from gazsi_cluster.auth.factory import build_authorizer  # noqa: E402
+from gazsi_cluster.auth.limits import Op  # noqa: E402
 from gazsi_cluster.auth.shared_limits import SharedBuckets  # noqa: E402
 from gazsi_cluster.auth.store import open_store  # noqa: E402
 from gazsi_cluster.config import load_settings  # noqa: E402
@@ -82,7 +83,26 @@ async def measure(data_dir: Path, redis_url: str | None, n: int, *, limits: bool
             node.close()
 
 
+def table_decisions(n: int, ops: list[Op]) -> list[float]:
+    """The shared table alone: one ``apply_now`` (lock the stripes, read, decide, write, unlock)."""
+    with SharedBuckets.create(entries=65_536) as table:
+        for _ in range(1000):
+            table.apply_now(ops)
+        samples = []
+        clock = time.perf_counter_ns
+        for _ in range(n):
+            t0 = clock()
+            table.apply_now(ops)
+            samples.append((clock() - t0) / 1000.0)
+        return samples
+
+
 async def hotpath(root: Path, n: int) -> None:
+    print("\n## shared table decisions (µs per decision, one process)")
+    big = 10**12
+    report("SharedBuckets.apply_now, 1 bucket", table_decisions(n, [Op("rpm:k", big, 1)]))
+    report("SharedBuckets.apply_now, budget + tpm + rpm", table_decisions(
+        n, [Op("q:k:d", big, 5, counter=True, seed=0), Op("tpm:k", big, 5), Op("rpm:k", big, 1)]))
     print("\n## hot path, one cached key (µs per request)")
     report("authorize, no limits, in-process", await measure(root / "a", None, n, limits=False, table=False,
                                                              full=False))
