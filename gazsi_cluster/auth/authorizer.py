@@ -34,6 +34,7 @@ from gazsi_cluster.auth.limits import (
     RateLimiter,
     RedisRateLimiter,
     decide,
+    limit_name,
 )
 from gazsi_cluster.auth.metrics import AuthMetrics
 from gazsi_cluster.auth.quotas import Period, QuotaBook, periods
@@ -174,7 +175,7 @@ class KeyAuthorizer:
                     f"key {record.prefix}… may use; split it into smaller requests.",
                     retry_after=60.0, key_id=record.id,
                 )
-            ops.append(Op(f"tpm:{record.id}", record.tpm, tokens))
+            ops.append(Op(limit_name(record.id, "tpm"), record.tpm, tokens))
         ps = periods(record, now)
         ops += [p.op(tokens) for p in ps]
         if not ops:
@@ -205,7 +206,7 @@ class KeyAuthorizer:
         # Forced: what was served is billed whatever the limits say now; a negative delta refunds
         # (the cache served part of what was reserved).
         ps = periods(record, now)
-        ops = [Op(f"tpm:{record.id}", record.tpm, delta, force=True)] if record.tpm else []
+        ops = [Op(limit_name(record.id, "tpm"), record.tpm, delta, force=True)] if record.tpm else []
         ops += [p.op(delta, force=True) for p in ps]
         if ops:
             await self._apply(record, ops, ps)
@@ -292,9 +293,9 @@ class KeyAuthorizer:
         ps = periods(record, now)
         ops = [p.op(0) for p in ps]
         if record.tpm:
-            ops.append(Op(f"tpm:{record.id}", record.tpm, 0))
+            ops.append(Op(limit_name(record.id, "tpm"), record.tpm, 0))
         if record.rpm:
-            ops.append(Op(f"rpm:{record.id}", record.rpm, 1))
+            ops.append(Op(limit_name(record.id, "rpm"), record.rpm, 1))
         if not ops:
             return ()
         if ps:

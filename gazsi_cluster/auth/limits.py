@@ -37,6 +37,7 @@ __all__ = [
     "bucket_step",
     "counter_step",
     "decide",
+    "limit_name",
 ]
 
 _LUA = """
@@ -95,6 +96,13 @@ for i = 1, n do
 end
 return {ok and 1 or 0, refused, unseeded, out}
 """
+
+
+def limit_name(key_id: str, what: str) -> str:
+    """The name of a key's limit: ``{key_id}:rpm``, ``{key_id}:tpm``, ``{key_id}:d20261201`` (daily
+    budget), ``{key_id}:m202612``. The braces are a Redis Cluster hash tag: one key's limits live in
+    one slot, so the one Lua call per request step stays legal there."""
+    return f"{{{key_id}}}:{what}"
 
 
 @dataclass(frozen=True, slots=True)

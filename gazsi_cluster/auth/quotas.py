@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from gazsi_cluster.auth.keys import KeyRecord, format_utc
-from gazsi_cluster.auth.limits import Op, RateLimiter
+from gazsi_cluster.auth.limits import Op, RateLimiter, limit_name
 from gazsi_cluster.auth.store import KeyStore
 from gazsi_cluster.errors import QuotaExceeded
 
@@ -57,12 +57,12 @@ def periods(record: KeyRecord, now: float) -> tuple[Period, ...]:
     out: list[Period] = []
     if record.daily_quota:
         out.append(Period("daily", record.daily_quota, today, (day_index + 1) * _DAY,
-                          f"q:{record.id}:d:{today:%Y%m%d}"))
+                          limit_name(record.id, f"d{today:%Y%m%d}")))
     if record.monthly_quota:
         month = today.replace(day=1)
         nxt = date(month.year + (month.month == 12), month.month % 12 + 1, 1)
         out.append(Period("monthly", record.monthly_quota, month,
-                          datetime(nxt.year, nxt.month, 1, tzinfo=UTC).timestamp(), f"q:{record.id}:m:{month:%Y%m}"))
+                          datetime(nxt.year, nxt.month, 1, tzinfo=UTC).timestamp(), limit_name(record.id, f"m{month:%Y%m}")))
     if len(_cache) > 100_000:
         _cache.clear()
     found = _cache[memo] = tuple(out)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gazsi_cluster.auth.authorizer import KeyAuthorizer
-from gazsi_cluster.auth.limits import LocalRateLimiter
+from gazsi_cluster.auth.limits import LocalRateLimiter, limit_name
 from gazsi_cluster.auth.shared_limits import SharedBuckets
 from gazsi_cluster.auth.store import open_store
 from gazsi_cluster.config import AuthConfig
@@ -120,7 +120,7 @@ async def test_reserve_is_all_or_nothing(auth: KeyAuthorizer) -> None:
     p = await auth.authorize(bearer(new.key), model="m")
     with pytest.raises(QuotaExceeded):
         await auth.reserve_tokens(p, model="m", tokens=60)  # tpm had room, the budget had not
-    tok = await auth.limiter.acquire(f"tpm:{new.record.id}", capacity=1000, cost=0)
+    tok = await auth.limiter.acquire(limit_name(new.record.id, "tpm"), capacity=1000, cost=0)
     assert tok.remaining == 1000  # what tpm took was given back
     with pytest.raises(RateLimited, match="split it into smaller requests"):
         await auth.reserve_tokens(p, model="m", tokens=1001)
