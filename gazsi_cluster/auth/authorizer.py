@@ -192,11 +192,16 @@ class KeyAuthorizer:
 
     async def record_usage(
         self, principal: Principal, *, model: str, tokens: int, reserved: int = 0, cached_tokens: int = 0,
+        requests: int = 1,
     ) -> None:
         """Bill ``tokens`` (computed) and count ``cached_tokens`` (served from the cache, not billed);
-        settle ``tokens - reserved`` with the limits :meth:`reserve_tokens` charged."""
+        settle ``tokens - reserved`` with the limits :meth:`reserve_tokens` charged. Call it before
+        the reply leaves: the usage journal has the line once this returns. A request that failed
+        after its reservation gives it back with ``tokens=0, requests=0`` (nothing is billed)."""
         now = self.clock()
-        self.usage.add(principal.key_id, model, utc_day(now), tokens=tokens, cached_tokens=cached_tokens)
+        if requests or tokens or cached_tokens:
+            self.usage.add(principal.key_id, model, utc_day(now), requests=requests, tokens=tokens,
+                           cached_tokens=cached_tokens)
         record = await self._record_for(principal)
         if record is None:
             return

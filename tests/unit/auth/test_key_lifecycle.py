@@ -210,3 +210,14 @@ async def test_limits_apply_after_the_recent_map_forgets_a_key(auth: KeyAuthoriz
     auth._recent.clear()  # e.g. the map was full
     with pytest.raises(RateLimited):
         await auth.reserve_tokens(p, model="m", tokens=11)
+
+
+async def test_a_failed_request_gives_its_reservation_back_unbilled(auth: KeyAuthorizer) -> None:
+    new = await auth.admin.create(name="fail", tpm=100, daily_quota=100)
+    p = await auth.authorize(bearer(new.key), model="m")
+    await auth.reserve_tokens(p, model="m", tokens=90)
+    await auth.record_usage(p, model="m", tokens=0, reserved=90, requests=0)  # the engine failed
+    p = await auth.authorize(bearer(new.key), model="m")
+    await auth.reserve_tokens(p, model="m", tokens=90)  # all of it is back
+    await auth.usage.flush()
+    assert await auth.store.usage(key_id=new.record.id) == []  # and nothing was billed or counted
