@@ -52,19 +52,24 @@ def _read_state(data_dir: Path) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
-def _ours(pid: int, directory: Path) -> bool:
-    """Is ``pid`` alive and the redis-server we started for ``directory`` (not a reused pid)?"""
+def _started_at(pid: int) -> float | None:
+    """The process's start time (psutil), None when there is no such process."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def _ours(state: dict[str, Any]) -> bool:
+    """Is the recorded redis-server still running (the same process: pid and start time, so a
+    reused pid is never signalled)? redis-server rewrites its command line, so that cannot tell."""
+    pid, started = int(state.get("pid", 0)), state.get("proc_started")
+    if pid <= 0 or started is None:
         return False
-    except PermissionError:
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        with contextlib.suppress(OSError):
-            return str(directory) in cmdline.read_bytes().decode(errors="replace")
-    return True
+    now_started = _started_at(pid)
+    return now_started is not None and abs(now_started - float(started)) < 0.5
 
 
 def _ping(url: str, timeout_s: float = 0.5) -> bool:
@@ -82,7 +87,7 @@ def _ping(url: str, timeout_s: float = 0.5) -> bool:
 def running_url(data_dir: Path) -> str | None:
     """The URL of the embedded Redis started for ``data_dir``, if it is running."""
     state = _read_state(data_dir)
-    if state is None or not _ours(int(state.get("pid", 0)), _dir(data_dir)):
+    if state is None or not _ours(state):
         return None
     return str(state["url"])
 
@@ -130,7 +135,7 @@ def start(data_dir: Path, *, timeout_s: float = 10.0) -> str:
                 if (directory / "redis.log").exists() else ""
             raise ServiceUnavailable(f"the embedded Redis did not start: {log_tail.strip() or 'no log'}")
         time.sleep(0.05)
-    state = {"pid": proc.pid, "url": url, "started_at": time.time()}
+    state = {"pid": proc.pid, "proc_started": _started_at(proc.pid), "url": url, "started_at": time.time()}
     tmp = _state_path(data_dir).with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the URL may hold a password
     with os.fdopen(fd, "w") as f:
@@ -146,13 +151,13 @@ def stop(data_dir: Path, *, timeout_s: float = 10.0) -> bool:
         return False
     pid, directory = int(state.get("pid", 0)), _dir(data_dir)
     stopped = False
-    if pid and _ours(pid, directory):
+    if _ours(state):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while _ours(pid, directory) and time.monotonic() < deadline:
+        while _ours(state) and time.monotonic() < deadline:
             _reap(pid)
             time.sleep(0.05)
-        if _ours(pid, directory):
+        if _ours(state):
             os.kill(pid, signal.SIGKILL)
         _reap(pid)
         stopped = True

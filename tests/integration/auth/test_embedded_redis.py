@@ -60,8 +60,24 @@ def test_a_path_too_long_for_a_socket_uses_loopback_tcp_with_a_password(tmp_path
         with pytest.raises(redis.AuthenticationError):
             anonymous.ping()
         assert oct((deep / "redis" / "state.json").stat().st_mode & 0o777) == "0o600"  # it holds the password
+        pid = int(json.loads((deep / "redis" / "state.json").read_text())["pid"])
+        assert embedded_redis.stop(deep) is True
+        with pytest.raises(ProcessLookupError):  # redis-server renames itself: stop must not rely on that
+            os.kill(pid, 0)
     finally:
         embedded_redis.stop(deep)
+
+
+def test_a_reused_pid_is_never_signalled(data_dir: Path) -> None:
+    embedded_redis.start(data_dir)
+    state_path = data_dir / "redis" / "state.json"
+    state = json.loads(state_path.read_text())
+    real = dict(state)
+    state["pid"] = os.getpid()  # as if our redis had died and this pid now belonged to someone else
+    state_path.write_text(json.dumps(state))
+    assert embedded_redis.running_url(data_dir) is None
+    assert embedded_redis.stop(data_dir) is False  # and this test process is still alive
+    state_path.write_text(json.dumps(real))
 
 
 def test_up_env_points_the_cluster_at_it_unless_the_user_configured_redis(data_dir: Path) -> None:
