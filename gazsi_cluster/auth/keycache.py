@@ -223,6 +223,9 @@ class KeyEventWatcher:
                 await self.poll_once()
             except GazsiError as exc:
                 log.debug("key event poll failed: %s", exc)
+            except Exception:
+                # Never die quietly: a dead poller would let revoked keys live for the cache TTL.
+                log.exception("key event poll failed unexpectedly; retrying")
             else:
                 self.polls += 1
                 if ready is not None and self.seq is not None:

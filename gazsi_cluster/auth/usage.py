@@ -178,7 +178,11 @@ class UsageBuffer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                # Keep flushing: what was not written stays buffered (or journaled) for the next try.
+                log.exception("usage flush failed unexpectedly; retrying")
 
     def close(self) -> None:
         """Close the journal (after a last :meth:`flush`); what the store did not take stays on disk."""
