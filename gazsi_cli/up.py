@@ -159,6 +159,9 @@ def _up(args: argparse.Namespace) -> int:
     profile = args.profile or ("gpu" if cuda_device_count() else "cpu")
     _say(f"profile {profile} (data in {settings.data_dir})")
     state_path = settings.data_dir / _STATE
+    from gazsi_cli import embedded_redis  # issue 18: shared limits/budgets/key changes for every process
+
+    os.environ.update(embedded_redis.up_env(settings, local_cluster=not os.environ.get("RAY_ADDRESS"), say=_say))
     env = dict(os.environ, GAZSI_DATA_DIR=str(settings.data_dir), RAY_USAGE_STATS_ENABLED="0")
     started_ray = False
     if os.environ.get("RAY_ADDRESS"):
@@ -255,6 +258,10 @@ def _down(args: argparse.Namespace) -> int:
     if state.get("started_ray") and state.get("ray_temp_dir"):
         stopped = stop_local_ray(state["ray_temp_dir"])
         _say(f"local Ray head stopped ({stopped} processes)")
+    from gazsi_cli import embedded_redis
+
+    if embedded_redis.stop(settings.data_dir):
+        _say("embedded Redis stopped")
     state_path.unlink(missing_ok=True)
     return 0
 

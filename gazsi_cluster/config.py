@@ -126,6 +126,28 @@ class AuthConfig(_Section):
         description="Admin key (gz_<env>_…) the gateway stores (hashed) on first start if no admin key "
         "exists; the Helm chart fills it from a Secret so operators can read it back.",
     )
+    # Added for issue 18 (keys and limits that hold cluster-wide); all optional.
+    key_events_poll_s: float = Field(
+        0.25, ge=0, le=60,
+        description="How often every process asks the key store for revocations, rotations and updates "
+        "(one indexed query); bounds how long a revoked key keeps working without Redis. 0 = never.",
+    )
+    node_limit_entries: int = Field(
+        65_536, ge=64, le=16_777_216,
+        description="Entries of a node's shared-memory limits table (rate buckets and budget counters of "
+        "every process of the node; 4 per active key at most, 24 bytes each).",
+    )
+    quota_refresh_s: float = Field(
+        5.0, gt=0, description="Without Redis: how often a process lifts a budget counter to the store's "
+        "total (so usage written by other nodes counts)."
+    )
+    usage_journal: bool = Field(
+        True, description="Append every usage increment to a per-process journal file before replying, so "
+        "usage survives a database outage and a killed process (replayed exactly once)."
+    )
+    usage_journal_dir: Path | None = Field(
+        None, description="Where usage journals live; unset = <data_dir>/usage-journal/<store id>."
+    )
 
 
 class CacheConfig(_Section):

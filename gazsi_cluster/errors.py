@@ -13,9 +13,12 @@
     │   └── UnknownNode              404  heartbeat from a node the control plane does not know
     ├── Conflict                     409  e.g. a node id already held by a live node
     ├── AuthenticationError          401  missing, malformed, unknown, expired or revoked key
+    │   ├── KeyExpired               401  the key's expiry passed (code api_key_expired)
+    │   └── KeyRevoked               401  revoked or rotated away (code api_key_revoked)
     ├── PermissionDenied             403  key lacks the scope
+    │   └── ModelNotAllowed          403  the key may not use this model (code model_not_allowed)
     ├── RateLimited                  429  + Retry-After (per-key limits and quotas)
-    │   └── QuotaExceeded            429  monthly token quota used up (code insufficient_quota)
+    │   └── QuotaExceeded            429  a token budget (day or month) used up (code insufficient_quota)
     ├── Overloaded                   429  + Retry-After (admission queue full)
     │   └── TooManyConnections       429  one client address holds too many connections
     ├── DeadlineExceeded             504  request deadline passed before its batch ran
@@ -45,7 +48,10 @@ __all__ = [
     "HeadersTooLarge",
     "InputTooLong",
     "InvalidRequest",
+    "KeyExpired",
+    "KeyRevoked",
     "MethodNotAllowed",
+    "ModelNotAllowed",
     "NoHealthyNode",
     "NotFound",
     "Overloaded",
@@ -145,10 +151,22 @@ class AuthenticationError(GazsiError):
     code = "invalid_api_key"
 
 
+class KeyExpired(AuthenticationError):
+    code = "api_key_expired"
+
+
+class KeyRevoked(AuthenticationError):
+    code = "api_key_revoked"
+
+
 class PermissionDenied(GazsiError):
     status = 403
     error_type = "permission_error"
     code = "insufficient_scope"
+
+
+class ModelNotAllowed(PermissionDenied):
+    code = "model_not_allowed"
 
 
 class _RetryableError(GazsiError):

@@ -31,6 +31,7 @@ __all__ = [
     "CertAuthority",
     "DeploymentCerts",
     "client_context",
+    "cluster_client_context",
     "create_deployment_certs",
     "private_key_pem",
     "server_context",
@@ -209,6 +210,24 @@ def client_context(
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if certfile is not None:
         ctx.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+    return ctx
+
+
+def cluster_client_context(
+    ca_file: Path | str, certfile: Path | str, keyfile: Path | str, *, check_hostname: bool = True
+) -> ssl.SSLContext:
+    """Client side of mTLS inside the cluster (gateway → edge): trusts only the cluster CA and
+    presents a certificate that CA signed, so an edge can refuse anything but cluster members.
+
+    ``check_hostname=False`` still verifies the chain against the cluster CA but not the name, for
+    edges whose certificate names their node id rather than the address the gateway dials.
+    """
+    try:
+        ctx = client_context(ca_file, certfile=certfile, keyfile=keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the cluster CA {ca_file} or client certificate {certfile}: {exc}") from exc
+    ctx.check_hostname = check_hostname
+    ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
 

@@ -31,8 +31,14 @@ class Authorizer(Protocol):
         raises ``RateLimited`` / ``QuotaExceeded`` when they do not fit."""
         ...
 
-    async def record_usage(self, principal: Principal, *, model: str, tokens: int, reserved: int = 0) -> None:
-        """Record ``tokens`` served (billed); ``reserved`` is what :meth:`reserve_tokens` already charged."""
+    async def record_usage(
+        self, principal: Principal, *, model: str, tokens: int, reserved: int = 0, cached_tokens: int = 0,
+        requests: int = 1,
+    ) -> None:
+        """Record ``tokens`` served (billed: computed by the engine); ``reserved`` is what
+        :meth:`reserve_tokens` already charged (the difference is settled); ``cached_tokens`` were
+        served from the response cache (counted, not billed). ``requests=0, tokens=0`` gives a
+        failed request's reservation back without counting it."""
         ...
 
 
@@ -47,5 +53,8 @@ class AllowAll:
     async def reserve_tokens(self, principal: Principal, *, model: str, tokens: int) -> None:
         return None
 
-    async def record_usage(self, principal: Principal, *, model: str, tokens: int, reserved: int = 0) -> None:
+    async def record_usage(
+        self, principal: Principal, *, model: str, tokens: int, reserved: int = 0, cached_tokens: int = 0,
+        requests: int = 1,
+    ) -> None:
         return None

@@ -1,8 +1,13 @@
 """The key-store authorizer: bearer key → cached record → validity, scope, limits → Principal.
 
 Hot path with a cached key: parse, one SHA-256, a dict lookup, and the limit buckets (in-process,
-or one Redis round trip per bucket). The store is only asked on a cache miss; if it is down a
-miss is refused with 503, never allowed.
+in the node's shared-memory table, or one Redis round trip per bucket). The store is only asked
+on a cache miss; if it is down a miss is refused with 503, never allowed.
+
+Every process of a node builds its own ``KeyAuthorizer``; what they share is injected: Redis
+(cluster-wide buckets, budgets, key tier, change messages) and the node's
+:class:`~gazsi_cluster.auth.shared_limits.SharedBuckets` (node-wide buckets and budgets, and
+the fallback while Redis is down). Limits are keyed by the key's id, which rotation keeps.
 """
 
 from __future__ import annotations
@@ -13,33 +18,46 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 from gazsi_cluster.auth import Principal
 from gazsi_cluster.auth._redis import RedisHealth
 from gazsi_cluster.auth.admin import KeyAdmin
-from gazsi_cluster.auth.keycache import LocalKeyCache, RedisKeyTier
-from gazsi_cluster.auth.keys import KeyRecord, hash_key, parse_bearer
-from gazsi_cluster.auth.limits import Decision, LocalRateLimiter, RateLimiter, RedisRateLimiter
+from gazsi_cluster.auth.keycache import KeyEventWatcher, LocalKeyCache, RedisKeyTier, parse_change
+from gazsi_cluster.auth.keys import KeyRecord, format_utc, hash_key, parse_bearer
+from gazsi_cluster.auth.limits import (
+    Decision,
+    LocalRateLimiter,
+    Op,
+    Outcome,
+    RateLimiter,
+    RedisRateLimiter,
+    decide,
+    limit_name,
+)
 from gazsi_cluster.auth.metrics import AuthMetrics
-from gazsi_cluster.auth.store import KeyStore
-from gazsi_cluster.auth.usage import UsageBuffer, month_start, utc_day
+from gazsi_cluster.auth.quotas import Period, QuotaBook, periods
+from gazsi_cluster.auth.store import KeyEvent, KeyStore
+from gazsi_cluster.auth.usage import UsageBuffer, utc_day
+from gazsi_cluster.auth.usage_journal import UsageJournal
 from gazsi_cluster.config import AuthConfig
-from gazsi_cluster.errors import AuthenticationError, GazsiError, QuotaExceeded, RateLimited
+from gazsi_cluster.errors import AuthenticationError, GazsiError, KeyRevoked, RateLimited, ServiceUnavailable
 
 __all__ = ["KeyAuthorizer"]
 
 
-def _next_month(day: date) -> date:
-    return date(day.year + (day.month == 12), day.month % 12 + 1, 1)
-
-
 class KeyAuthorizer:
-    """Implements :class:`gazsi_cluster.auth.Authorizer` over a :class:`KeyStore` (+ optional Redis)."""
+    """Implements :class:`gazsi_cluster.auth.Authorizer` over a :class:`KeyStore` (+ optional Redis).
+
+    ``limiter``: the node's shared buckets (``SharedBuckets``) when several processes serve one
+    node; it also holds the budget counters. ``journal_dir``: where this process's usage journal
+    goes (None = no journal: buffered usage is lost if the process dies before a flush).
+    """
 
     def __init__(
         self, store: KeyStore, config: AuthConfig, *, redis: Any | None = None,
+        limiter: RateLimiter | None = None, journal_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.config, self.clock = store, config, clock
@@ -52,25 +70,29 @@ class KeyAuthorizer:
         self.redis_health = RedisHealth()
         self.local = LocalKeyCache(ttl_s=config.cache_ttl_s, max_size=config.cache_size)
         self.tier = RedisKeyTier(redis, self.redis_health, ttl_s=config.redis_cache_ttl_s) if redis else None
-        self.limiter: RateLimiter = (
-            RedisRateLimiter(redis, self.redis_health) if redis is not None else LocalRateLimiter()
-        )
+        self.node_limiter: RateLimiter = limiter if limiter is not None else LocalRateLimiter()
+        self.limiter: RateLimiter = self.node_limiter
+        if redis is not None:
+            self.limiter = RedisRateLimiter(redis, self.redis_health, fallback=self.node_limiter)
         self.usage = UsageBuffer(
             store, max_rows=config.usage_buffer_rows, flush_interval_s=config.usage_flush_interval_s,
             on_drop=self.metrics.usage_dropped.inc,
             on_flush=lambda ok: self.metrics.usage_flushes.labels("ok" if ok else "error").inc(),
+            journal=UsageJournal(journal_dir) if journal_dir is not None else None,
         )
+        self.quotas = QuotaBook(store, self.limiter, before_seed=self.usage.flush, refresh_s=config.quota_refresh_s)
         self.admin = KeyAdmin(store, env=config.key_env, redis=redis, redis_ttl_s=config.redis_cache_ttl_s,
-                              on_revoked=self.evict, clock=clock)
-        # Monthly quota: tokens counted at the store when first seen this month, plus what this process
-        # (or, with Redis, every process) recorded since.
-        self._month_base: dict[str, tuple[date, int]] = {}
-        self._month_local: dict[str, int] = {}
+                              on_change=self._on_change, clock=clock, journal_dir=journal_dir)
+        self.watcher = (
+            KeyEventWatcher(store, self._apply_event, interval_s=config.key_events_poll_s)
+            if config.key_events_poll_s > 0 else None
+        )
         self._tasks: set[asyncio.Task[None]] = set()
-        # Records of keys authorised lately, by id: record_usage needs their limits without a lookup.
+        # Records of keys authorised lately, by id: reserve/record_usage need their limits.
         self._recent: dict[str, KeyRecord] = {}
         self.db_ok = True
         self.subscribed = asyncio.Event()
+        self.watching = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -78,9 +100,12 @@ class KeyAuthorizer:
         if self.config.bootstrap_admin_key:
             parse_bearer(f"Bearer {self.config.bootstrap_admin_key}")
             await self.admin.ensure_key(self.config.bootstrap_admin_key, name="bootstrap-admin")
+        self.usage.open()
         self._spawn(self.usage.run(), "gazsi-usage-flush")
         if self.tier is not None:
-            self._spawn(self.tier.listen(self._on_revoked, self.subscribed), "gazsi-revocations")
+            self._spawn(self.tier.listen(self._on_message, self.subscribed), "gazsi-revocations")
+        if self.watcher is not None:
+            self._spawn(self.watcher.run(self.watching), "gazsi-key-events")
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -95,6 +120,7 @@ class KeyAuthorizer:
             # Bounded: a task that swallows its cancellation must not hang shutdown.
             await asyncio.wait(tasks, timeout=5)
         await self.usage.flush()
+        self.usage.close()
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
@@ -131,17 +157,17 @@ class KeyAuthorizer:
         return Principal(record.id, record.name, frozenset(record.scopes), headers)
 
     async def reserve_tokens(self, principal: Principal, *, model: str, tokens: int) -> None:
-        """Take the request's tokens from the key's tokens/minute bucket before it runs.
+        """Take the request's tokens from the key's tokens/minute bucket and budgets before it runs.
 
-        A request larger than the key's whole per-minute budget can never fit: it is refused with
-        a message saying so instead of an invitation to retry forever.
+        A request larger than the key's whole per-minute limit can never fit: it is refused with
+        a message saying so instead of an invitation to retry forever. All or nothing, in one
+        step (one Redis round trip): when one limit refuses, none is charged.
         """
-        record = await self._record_for_usage(principal)
+        record = await self._record_for(principal)
         if record is None or tokens <= 0:
             return
         now = self.clock()
-        if record.monthly_quota:
-            await self._check_quota(record, now, extra=tokens)
+        ops: list[Op] = []
         if record.tpm:
             if tokens > record.tpm:
                 raise RateLimited(
@@ -149,29 +175,56 @@ class KeyAuthorizer:
                     f"key {record.prefix}… may use; split it into smaller requests.",
                     retry_after=60.0, key_id=record.id,
                 )
-            tok = await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=tokens)
-            if not tok.allowed:
+            ops.append(Op(limit_name(record.id, "tpm"), record.tpm, tokens))
+        ps = periods(record, now)
+        ops += [p.op(tokens) for p in ps]
+        if not ops:
+            return
+        out = await self._apply(record, ops, ps)
+        if not out.ok:
+            i = out.refused
+            if record.tpm and i == 0:
                 headers: dict[str, str] = {}
-                self._headers(headers, "Tokens", tok)
-                raise self._limited(f"tokens per minute ({record.tpm})", tok, headers, record)
+                d = decide(False, out.values[0], record.tpm, tokens)
+                self._headers(headers, "Tokens", d)
+                raise self._limited(f"tokens per minute ({record.tpm})", d, headers, record)
+            raise self.quotas.exceeded(record, ps[i - bool(record.tpm)], now, out.values[i], tokens)
 
-    async def record_usage(self, principal: Principal, *, model: str, tokens: int, reserved: int = 0) -> None:
+    async def record_usage(
+        self, principal: Principal, *, model: str, tokens: int, reserved: int = 0, cached_tokens: int = 0,
+        requests: int = 1,
+    ) -> None:
+        """Bill ``tokens`` (computed) and count ``cached_tokens`` (served from the cache, not billed);
+        settle ``tokens - reserved`` with the limits :meth:`reserve_tokens` charged. Call it before
+        the reply leaves: the usage journal has the line once this returns. A request that failed
+        after its reservation gives it back with ``tokens=0, requests=0`` (nothing is billed)."""
         now = self.clock()
-        day = utc_day(now)
-        self.usage.add(principal.key_id, model, day, tokens=tokens)
-        record = await self._record_for_usage(principal)
+        if requests or tokens or cached_tokens:
+            self.usage.add(principal.key_id, model, utc_day(now), requests=requests, tokens=tokens,
+                           cached_tokens=cached_tokens)
+        record = await self._record_for(principal)
         if record is None:
             return
-        if record.tpm and tokens != reserved:
-            # Settle the difference with what was reserved (negative cost = refund).
-            await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=tokens - reserved, force=True)
-        if record.monthly_quota:
-            self._month_local[record.id] = self._month_local.get(record.id, 0) + tokens
-            if self.redis is not None and self.redis_health.usable():
-                await self._redis_quota_add(record.id, month_start(day), tokens)
+        delta = tokens - reserved
+        if not delta:
+            return
+        # Forced: what was served is billed whatever the limits say now; a negative delta refunds
+        # (the cache served part of what was reserved).
+        ps = periods(record, now)
+        ops = [Op(limit_name(record.id, "tpm"), record.tpm, delta, force=True)] if record.tpm else []
+        ops += [p.op(delta, force=True) for p in ps]
+        if ops:
+            await self._apply(record, ops, ps)
 
-    async def _record_for_usage(self, principal: Principal) -> KeyRecord | None:
-        return self._recent.get(principal.key_id)
+    async def _record_for(self, principal: Principal) -> KeyRecord | None:
+        record = self._recent.get(principal.key_id)
+        if record is None and principal.key_id != "anonymous":
+            # Dropped from the bounded map: the limits must still apply, so ask the store.
+            with contextlib.suppress(GazsiError):
+                record = await self.store.find(principal.key_id)
+            if record is not None:
+                self._recent[record.id] = record
+        return record
 
     # -- lookups -------------------------------------------------------------------------
     async def _lookup(self, digest: str) -> KeyRecord:
@@ -182,6 +235,7 @@ class KeyAuthorizer:
         else:
             try:
                 record = await self.store.get_by_hash(digest)
+                rotated = await self.store.rotated_away(digest) if record is None else None
             except GazsiError:
                 self.db_ok = False
                 self.metrics.degraded.labels("database").set(1)
@@ -189,6 +243,9 @@ class KeyAuthorizer:
             self.db_ok = True
             self.metrics.degraded.labels("database").set(0)
             self.metrics.lookups.labels("database").inc()
+            if rotated is not None:
+                raise KeyRevoked(f"This API key was replaced by a rotation at {format_utc(rotated.at)}; "
+                                 "use the key issued then.", key_id=rotated.key_id)
             if record is None:
                 raise AuthenticationError("Incorrect API key provided.")
             if self.tier is not None:
@@ -199,9 +256,36 @@ class KeyAuthorizer:
     def evict(self, key_hash: str) -> None:
         self.local.evict(key_hash)
 
-    def _on_revoked(self, key_hash: str) -> None:
+    def _on_change(self, kind: str, key_hash: str, record: KeyRecord | None) -> None:
+        """A change made through this process's own ``admin``: apply it here at once."""
+        self.local.evict(key_hash, tombstone=kind != "update")
+        if record is not None:
+            self._recent.pop(record.id, None)
+            if kind != "rotate":
+                self.local.put(record)
+
+    def _on_message(self, message: str) -> None:
+        kind, key_hash = parse_change(message)
         self.metrics.revocations.inc()
-        self.evict(key_hash)
+        # After an update the publisher already wrote the new record to the Redis tier.
+        self.local.evict(key_hash, tombstone=kind != "update")
+        for key_id, record in list(self._recent.items()):
+            if record.key_hash == key_hash:
+                del self._recent[key_id]
+
+    async def _apply_event(self, event: KeyEvent) -> None:
+        """A change from the store's feed: evict, and replace the shared copy with the new state."""
+        self.metrics.key_events.labels(event.kind).inc()
+        self.local.evict(event.key_hash, tombstone=event.kind != "update")
+        self._recent.pop(event.key_id, None)
+        fresh = await self.store.find(event.key_id)
+        if self.tier is not None:
+            if event.kind == "rotate":
+                await self.tier.replace(event.key_hash, None)
+            if fresh is not None:
+                await self.tier.replace(fresh.key_hash, fresh)
+        if fresh is not None and event.kind != "rotate":
+            self.local.put(fresh)
 
     def _set_degraded(self) -> None:
         if self.redis is not None:
@@ -209,22 +293,52 @@ class KeyAuthorizer:
 
     # -- limits --------------------------------------------------------------------------
     async def _check_limits(self, record: KeyRecord, now: float) -> tuple[tuple[str, str], ...]:
-        headers: dict[str, str] = {}
-        if record.monthly_quota:
-            await self._check_quota(record, now)
-        # Peek tokens before taking a request slot, so a request refused for tokens costs no slot.
+        """Budgets left, tokens/minute positive, and one request slot: one all-or-nothing step, so
+        a request refused for its budget or tokens costs no request slot."""
+        ps = periods(record, now)
+        ops = [p.op(0) for p in ps]
         if record.tpm:
-            tok = await self.limiter.acquire(f"tpm:{record.id}", capacity=record.tpm, cost=0)
-            self._headers(headers, "Tokens", tok)
-            if not tok.allowed:
-                raise self._limited(f"tokens per minute ({record.tpm})", tok, headers, record)
+            ops.append(Op(limit_name(record.id, "tpm"), record.tpm, 0))
         if record.rpm:
-            req = await self.limiter.acquire(f"rpm:{record.id}", capacity=record.rpm, cost=1)
+            ops.append(Op(limit_name(record.id, "rpm"), record.rpm, 1))
+        if not ops:
+            return ()
+        if ps:
+            await self.quotas.refresh(record, ps)
+        out = await self._apply(record, ops, ps)
+        headers: dict[str, str] = {}
+        i = len(ps)
+        tok = req = None
+        if record.tpm:
+            tok = decide(out.refused != i, out.values[i], record.tpm, 0)
+            self._headers(headers, "Tokens", tok)
+            i += 1
+        if record.rpm:
+            req = decide(out.refused != i, out.values[i], record.rpm, 1)
             self._headers(headers, "Requests", req)
-            if not req.allowed:
-                raise self._limited(f"requests per minute ({record.rpm})", req, headers, record)
         self._set_degraded()
+        if not out.ok:
+            if out.refused < len(ps):
+                raise self.quotas.exceeded(record, ps[out.refused], now, out.values[out.refused], None)
+            if tok is not None and not tok.allowed:
+                raise self._limited(f"tokens per minute ({record.tpm})", tok, headers, record)
+            assert req is not None
+            raise self._limited(f"requests per minute ({record.rpm})", req, headers, record)
         return tuple(headers.items())
+
+    async def _apply(self, record: KeyRecord, ops: list[Op], ps: tuple[Period, ...]) -> Outcome:
+        """``limiter.apply``, seeding budget counters the limiter does not hold yet from the store."""
+        out = await self.limiter.apply(ops)
+        for _ in range(len(ps)):
+            if out.unseeded < 0:
+                break
+            period = next(p for p in ps if p.counter == ops[out.unseeded].name)
+            ops[out.unseeded] = period.op(ops[out.unseeded].cost, force=ops[out.unseeded].force,
+                                          seed=await self.quotas.seed(record, period))
+            out = await self.limiter.apply(ops)
+        if out.unseeded >= 0:
+            raise ServiceUnavailable("budget counters could not be seeded; try again", retry_after=1.0)
+        return out
 
     @staticmethod
     def _headers(out: dict[str, str], kind: str, d: Decision) -> None:
@@ -239,66 +353,17 @@ class KeyAuthorizer:
             retry_after=max(d.retry_after_s, 0.001), headers=dict(headers), key_id=record.id,
         )
 
-    async def _check_quota(self, record: KeyRecord, now: float, extra: int = 0) -> None:
-        assert record.monthly_quota is not None
-        month = month_start(utc_day(now))
-        used = await self._month_used(record.id, month)
-        if used + extra > record.monthly_quota or used >= record.monthly_quota:
-            nxt = _next_month(month)
-            reset = datetime(nxt.year, nxt.month, 1, tzinfo=UTC).timestamp()
-            raise QuotaExceeded(
-                f"Monthly token quota of {record.monthly_quota} tokens exhausted for key {record.prefix}…; "
-                f"it resets on {nxt.isoformat()}.",
-                retry_after=max(1.0, reset - now), key_id=record.id,
-            )
-
-    async def _month_used(self, key_id: str, month: date) -> int:
-        base = self._month_base.get(key_id)
-        if base is None or base[0] != month:
-            # Flush first so the store's total includes what this process already served.
-            await self.usage.flush()
-            total = await self.store.tokens_since(key_id, month)
-            base = self._month_base[key_id] = (month, total)
-            self._month_local[key_id] = 0
-            if self.redis is not None and self.redis_health.usable():
-                await self._redis_quota_seed(key_id, month, total)
-        if self.redis is not None and self.redis_health.usable():
-            shared = await self._redis_quota_get(key_id, month)
-            if shared is not None:
-                return shared
-        return base[1] + self._month_local.get(key_id, 0)
-
-    # Shared monthly counters: seeded once from the store (SET NX), then INCRBY from every process.
-    async def _redis_call(self, fn: Callable[[], Any]) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
-            result = await fn()
-        except (RedisError, OSError) as exc:
-            self.redis_health.failed(exc)
-            return None
-        self.redis_health.ok()
-        return result
-
-    @staticmethod
-    def _quota_key(key_id: str, month: date) -> str:
-        return f"gazsi:quota:{key_id}:{month:%Y%m}"
-
-    async def _redis_quota_seed(self, key_id: str, month: date, total: int) -> None:
-        await self._redis_call(lambda: self.redis.set(self._quota_key(key_id, month), total, nx=True,
-                                                       ex=40 * 86_400))
-
-    async def _redis_quota_get(self, key_id: str, month: date) -> int | None:
-        raw = await self._redis_call(lambda: self.redis.get(self._quota_key(key_id, month)))
-        return int(raw) if raw is not None else None
-
-    async def _redis_quota_add(self, key_id: str, month: date, tokens: int) -> None:
-        await self._redis_call(lambda: self.redis.incrby(self._quota_key(key_id, month), tokens))
-
     # -- health --------------------------------------------------------------------------
+    def limits_scope(self) -> str:
+        """Who shares this process's limits right now: "cluster" (Redis), "node" or "process"."""
+        if self.redis is not None and not self.redis_health.degraded:
+            return "cluster"
+        return self.node_limiter.scope
+
     def status(self) -> dict[str, Any]:
         """For ``/readyz`` details: auth keeps working while degraded, so this never flips readiness."""
         redis_state = "disabled" if self.redis is None else ("degraded" if self.redis_health.degraded else "ok")
+        scope = self.limits_scope()
         return {
             "backend": type(self.store).__name__,
             "database": "ok" if self.db_ok else "degraded",
@@ -306,4 +371,15 @@ class KeyAuthorizer:
             "degraded": (not self.db_ok) or redis_state == "degraded",
             "cached_keys": len(self.local),
             "usage_pending_rows": self.usage.pending(),
+            "usage_journal": self.usage.journal is not None,
+            # Rate limits and budgets hold across this scope; "node"/"process" means each node (or
+            # process) enforces the full limit on its own: N of them let N times the limit through.
+            "limits_scope": scope,
+            "limits_note": {
+                "cluster": "limits and budgets are shared by every node through Redis",
+                "node": "limits and budgets hold per node (no shared store): each node allows the full limit",
+                "process": "limits and budgets hold per process (no shared store): each process allows the full limit",
+            }[scope],
+            "revocation": ("redis pub/sub + " if self.redis is not None else "")
+            + (f"store poll every {self.config.key_events_poll_s:g}s" if self.watcher else "cache TTL"),
         }

@@ -24,7 +24,10 @@ class AuthMetrics:
         )
         self.usage_flushes = Counter("gazsi_usage_flushes", "Usage batch writes", ["result"], registry=r)
         self.revocations = Counter(
-            "gazsi_auth_revocations_received", "Revocation messages applied from Redis", registry=r
+            "gazsi_auth_revocations_received", "Key change messages applied from Redis", registry=r
+        )
+        self.key_events = Counter(
+            "gazsi_auth_key_events", "Key changes applied from the store's change feed", ["kind"], registry=r
         )
 
     def render(self) -> bytes:

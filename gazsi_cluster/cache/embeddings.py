@@ -35,9 +35,21 @@ def item_key(namespace: str, seq: np.ndarray) -> str:
 
 @dataclass(slots=True)
 class CacheResult:
+    """What :meth:`ResponseCache.resolve` served. Bill ``computed_tokens``: the tokens this
+    request's own ``compute`` ran; the rest came from the cache, from another request's
+    in-flight computation, or from an identical input earlier in the same request."""
+
     vectors: np.ndarray  # (n, D) float32, request order
     status: str  # "hit" | "miss" | "partial"
     computed: Any  # what ``compute`` returned for this request's own misses, or None
+    total_tokens: int = 0  # every input's tokens, duplicates included (OpenAI's prompt_tokens)
+    computed_tokens: int = 0  # tokens of the distinct inputs this request computed
+    computed_items: int = 0  # distinct inputs this request computed
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens served without computing them for this request."""
+        return self.total_tokens - self.computed_tokens
 
 
 class ResponseCache:
@@ -83,12 +95,12 @@ class ResponseCache:
         followers = [k for k in missing if use_cache and k in self._inflight]
         leaders = [k for k in missing if k not in followers]
         computed: Any = None
+        orphans: list[str] = []
         if leaders:
             computed = await self._lead(leaders, [seqs[first_index[k]] for k in leaders], compute, found,
                                         share=use_cache)
         if followers:
             self.coalesced.inc(len(followers))
-            orphans: list[str] = []
             for key in followers:
                 try:
                     found[key] = await asyncio.shield(self._inflight[key]) if key in self._inflight else \
@@ -101,7 +113,11 @@ class ResponseCache:
                 computed = computed if computed is not None else extra
         vectors = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
         status = "hit" if hits == len(keys) else ("miss" if hits == 0 else "partial")
-        return CacheResult(vectors, status, computed)
+        ran = leaders + orphans
+        return CacheResult(
+            vectors, status, computed, total_tokens=sum(len(s) for s in seqs),
+            computed_tokens=sum(len(seqs[first_index[k]]) for k in ran), computed_items=len(ran),
+        )
 
     async def _reread(self, key: str) -> np.ndarray:
         # The leader finished between our lookup and now; its value is in the backend (or was dropped).

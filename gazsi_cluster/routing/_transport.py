@@ -9,6 +9,7 @@ and ``json()``, and raise :class:`SendError` for anything another node might not
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,9 +52,16 @@ class Sender(Protocol):
 
 
 class AiohttpSender:
-    def __init__(self, *, timeout_s: float, connect_timeout_s: float, max_connections: int = 1000) -> None:
+    """``ssl_context``: for https:// nodes (mTLS inside the cluster: ``tls.cluster_client_context``);
+    None = aiohttp's default verification (system CAs)."""
+
+    def __init__(
+        self, *, timeout_s: float, connect_timeout_s: float, max_connections: int = 1000,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._timeout_s, self._connect_timeout_s = timeout_s, connect_timeout_s
         self._max_connections = max_connections
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: Any = None
 
     def _session_now(self) -> Any:
@@ -62,7 +70,7 @@ class AiohttpSender:
             import aiohttp
 
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ssl=self._ssl),
                 timeout=aiohttp.ClientTimeout(total=self._timeout_s, sock_connect=self._connect_timeout_s),
                 auto_decompress=False,
             )

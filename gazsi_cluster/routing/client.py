@@ -93,13 +93,15 @@ class RoutingClient:
         quarantine_s: float = 3.0,
         budget: RetryBudget | None = None,
         metrics: RoutingMetrics | None = None,
+        ssl_context: Any | None = None,
     ) -> None:
         self._table = table
         self.policy = policy
         # ``http``: an httpx.AsyncClient to send through (tests); default aiohttp (see _transport).
+        # ``ssl_context``: for https:// edges, e.g. tls.cluster_client_context (mTLS inside the cluster).
         self.sender: Sender = (
             HttpxSender(http) if http is not None
-            else AiohttpSender(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+            else AiohttpSender(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, ssl_context=ssl_context)
         )
         self.attempts = attempts
         self.hedge = hedge

@@ -75,7 +75,7 @@ async def test_quota_exhaustion_is_429_insufficient_quota(edge: tuple[httpx.Asyn
     # Charged before the work: 4 more would overdraw the 2 left, so it is refused and never runs.
     r = await embed(client, key.key, "hello world", **{"Cache-Control": "no-cache"})
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
-    assert "Monthly token quota of 10 tokens" in r.json()["error"]["message"]
+    assert "monthly token budget of 10 tokens" in r.json()["error"]["message"]
     assert len(engine.calls) == calls
 
 
@@ -98,8 +98,9 @@ async def test_admin_api_needs_admin_scope_and_never_returns_hashes(
     assert shown["id"] == made["id"] and "key" not in shown
     assert (await embed(client, made["key"])).status_code == 200
     rotated = (await client.post(f"/admin/keys/{made['id']}/rotate", headers=auth(adm.key))).json()
-    assert rotated["key"] != made["key"]
-    assert (await embed(client, made["key"])).status_code == 401
+    assert rotated["key"] != made["key"] and rotated["id"] == made["id"]
+    old = await embed(client, made["key"])
+    assert old.status_code == 401 and old.json()["error"]["code"] == "api_key_revoked"
     assert (await embed(client, rotated["key"])).status_code == 200
     r = await client.post(f"/admin/keys/{rotated['id']}/revoke", headers=auth(adm.key))
     assert r.json()["revoked_at"] is not None
@@ -108,7 +109,8 @@ async def test_admin_api_needs_admin_scope_and_never_returns_hashes(
     assert (await client.post("/admin/keys", headers=auth(adm.key), json={"name": ""})).status_code == 400
     usage = (await client.get("/admin/usage", headers=auth(adm.key))).json()["data"]
     by_key = {u["key_id"]: u for u in usage}
-    assert by_key[made["id"]]["requests"] == 1 and by_key[made["id"]]["model"] == MODEL
+    # One request with the old secret, one with the new: rotation keeps the key's usage.
+    assert by_key[made["id"]]["requests"] == 2 and by_key[made["id"]]["model"] == MODEL
 
 
 async def test_response_cache_header_bypass_and_metrics(edge: tuple[httpx.AsyncClient, Any, FakeEngine]) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.auth.store import open_store
 from gazsi_cluster.config import Settings, load_settings
 from gazsi_cluster.errors import AuthenticationError
+from tests.support.auth_hammer import run_hammers
 from tests.support.services import ThrowawayRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -94,37 +93,6 @@ async def test_redis_down_falls_back_to_database_and_says_degraded(
         await auth.close()
 
 
-_HAMMER = """
-import asyncio, json, sys, time
-from pathlib import Path
-from gazsi_cluster.auth.factory import build_authorizer
-from gazsi_cluster.config import load_settings
-from gazsi_cluster.errors import RateLimited
-
-data_dir, redis_url, key, seconds, start_at = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
-
-async def run():
-    s = load_settings(data_dir=data_dir, auth={"redis_url": redis_url, "key_env": "test"})
-    auth = build_authorizer(s)
-    await auth.start()
-    ok = limited = 0
-    try:
-        while time.time() < start_at:
-            await asyncio.sleep(0.001)
-        while time.time() < start_at + seconds:
-            try:
-                await auth.authorize("Bearer " + key)
-                ok += 1
-            except RateLimited:
-                limited += 1
-    finally:
-        await auth.close()
-    print(json.dumps([ok, limited]))
-
-asyncio.run(run())
-"""
-
-
 @pytest.mark.slow
 async def test_rate_limit_holds_across_processes(tmp_path: Path, redis_url: str) -> None:
     rpm, procs, seconds = 600, 4, 3.0
@@ -132,25 +100,13 @@ async def test_rate_limit_holds_across_processes(tmp_path: Path, redis_url: str)
     await admin_auth.start()
     new = await admin_auth.admin.create(name="hammered", rpm=rpm)
     await admin_auth.close()
-    start_at = time.time() + 6.0  # let every process import and connect first
-    workers = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _HAMMER, str(tmp_path), redis_url, new.key, str(seconds), str(start_at),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        for _ in range(procs)
-    ]
-    results = []
-    for w in workers:
-        out, err = await asyncio.wait_for(w.communicate(), 60)
-        assert w.returncode == 0, err.decode()[-2000:]
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
-    allowed = sum(r[0] for r in results)
-    refused = sum(r[1] for r in results)
+    results = await run_hammers([{"data_dir": str(tmp_path), "redis_url": redis_url, "key": new.key,
+                                  "seconds": seconds, "seed": i} for i in range(procs)])
+    allowed = sum(r["ok"] for r in results)
     # A full bucket (rpm) plus the refill over the window (rpm/60 per second).
     expected = rpm + rpm / 60.0 * seconds
-    assert refused > 0, "the processes never hit the limit; the test proves nothing"
-    assert all(r[0] > 0 for r in results)
+    assert sum(r["limited"] for r in results) > 0, "the processes never hit the limit; the test proves nothing"
+    assert all(r["ok"] > 0 for r in results)
     assert abs(allowed - expected) / expected < 0.05, (allowed, expected, results)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +35,10 @@ def _resume(pg: ThrowawayPostgres) -> None:
 
 
 async def test_usage_survives_a_10s_database_outage_under_load(tmp_path: Path) -> None:
-    pg = ThrowawayPostgres(tmp_path / "pg")
+    # Not under pytest's tmp root: PostgreSQL runs as another user (pgserver, when we are root) and
+    # any concurrent pytest run resets that root to 0700, locking the server out of its own files.
+    pg_dir = Path(tempfile.mkdtemp(prefix="gazsi-pg-"))
+    pg = ThrowawayPostgres(pg_dir / "pg")
     try:
         pg.start()
     except Exception as exc:
@@ -101,3 +106,4 @@ async def test_usage_survives_a_10s_database_outage_under_load(tmp_path: Path) -
     finally:
         await node.stop()
         pg.stop()
+        shutil.rmtree(pg_dir, ignore_errors=True)

@@ -182,7 +182,7 @@ async def test_monthly_quota_is_429_with_clear_message(env: tuple[KeyAuthorizer,
     await auth.record_usage(p, model="m", tokens=100)
     with pytest.raises(QuotaExceeded) as info:
         await auth.authorize(bearer(new.key), model="m")
-    assert info.value.code == "insufficient_quota" and "Monthly token quota of 1000" in info.value.message
+    assert info.value.code == "insufficient_quota" and "monthly token budget of 1000" in info.value.message
 
 
 async def test_usage_is_buffered_then_written_in_batches(env: tuple[KeyAuthorizer, FlakyStore, Clock]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,10 @@ def test_keys_lifecycle(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     shown = json.loads(run(capsys, tmp_path, "--json", "show", created["prefix"]))
     assert shown["id"] == created["id"] and "key" not in shown
     rotated = json.loads(run(capsys, tmp_path, "--json", "rotate", created["id"]))
+    # Rotation keeps the key (id, settings, so usage and limit windows) and replaces the secret.
     assert rotated["key"] != key and rotated["scopes"] == ["all-MiniLM-L6-v2"]
-    old = json.loads(run(capsys, tmp_path, "--json", "show", created["id"]))
-    assert old["revoked_at"] is not None
+    assert rotated["id"] == created["id"] and rotated["prefix"] != created["prefix"]
+    assert rotated["expires_at"] == created["expires_at"] and rotated["revoked_at"] is None
     revoked = json.loads(run(capsys, tmp_path, "--json", "revoke", rotated["prefix"]))
     assert revoked["revoked_at"] is not None
     assert json.loads(run(capsys, tmp_path, "--json", "usage")) == []
@@ -40,3 +42,24 @@ def test_keys_lifecycle(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
 def test_unknown_key_is_an_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["keys", "--data-dir", str(tmp_path), "show", "gz_live_nothere"]) == 2
     assert "no key" in capsys.readouterr().err
+
+
+def test_create_with_expiry_models_and_budgets_then_update(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    before = time.time()
+    created = json.loads(run(capsys, tmp_path, "--json", "create", "--name", "svc", "--expires-in", "30d",
+                             "--models", "m1", "m2", "--daily-quota", "5000", "--monthly-quota", "90000"))
+    assert 30 * 86_400 - 5 <= created["expires_at"] - before <= 30 * 86_400 + 5
+    assert created["scopes"] == ["m1", "m2"]
+    assert (created["daily_quota"], created["monthly_quota"]) == (5000, 90000)
+    updated = json.loads(run(capsys, tmp_path, "--json", "update", created["prefix"], "--rpm", "10",
+                             "--daily-quota", "0", "--expires-in", "12h", "--models", "m3"))
+    assert updated["id"] == created["id"] and updated["rpm"] == 10 and updated["daily_quota"] is None
+    assert updated["monthly_quota"] == 90000 and updated["scopes"] == ["m3"]
+    assert 12 * 3600 - 5 <= updated["expires_at"] - time.time() <= 12 * 3600 + 5
+    never = json.loads(run(capsys, tmp_path, "--json", "update", created["id"], "--expires-in", "never"))
+    assert never["expires_at"] is None
+
+
+def test_bad_duration_is_an_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["keys", "--data-dir", str(tmp_path), "create", "--name", "x", "--expires-in", "soon"]) == 2
+    assert "not a duration" in capsys.readouterr().err
