@@ -39,7 +39,8 @@ from edge_node.runtime import ModelRuntime
 from edge_node.tokenization import TextTokenizer
 from gazsi_cluster import __version__
 from gazsi_cluster.auth import Authorizer
-from gazsi_cluster.auth.factory import authorizer_for
+from gazsi_cluster.auth.factory import attach_node_limits, authorizer_for, create_node_limits
+from gazsi_cluster.auth.limits import LocalRateLimiter
 from gazsi_cluster.cache import ResponseCache, build_response_cache
 from gazsi_cluster.config import LimitsConfig, Settings
 from gazsi_cluster.errors import ServiceUnavailable
@@ -92,8 +93,8 @@ class EdgeNode:
         log.info("edge node data plane: %s (%s)", self.dataplane, self.dataplane_reason)
         self.request_metrics = RequestMetrics()
         self.engine_metrics = EngineMetrics()
-        self.limiter_name: str | None = worker.limiter if worker is not None else None
-        self.authorizer: Authorizer = authorizer or authorizer_for(settings)
+        self.limits_table: Any = None  # the node's shared per-key limits (fast front: every process counts once)
+        self.authorizer: Authorizer = authorizer or self._authorizer()
         self._link, self._advertise = link, advertise
         self.runtime: ModelRuntime | None = None
         self.cache: ResponseCache | None = None
@@ -147,6 +148,25 @@ class EdgeNode:
         )
         return transport
 
+    def _authorizer(self) -> Authorizer:
+        """Per-key limits count once per node: a fast front's processes share one table, one process its own."""
+        settings = self.settings
+        if not settings.auth.enabled:
+            return authorizer_for(settings)
+        limiter: Any
+        if self.worker is not None:
+            self.limits_table = limiter = attach_node_limits(self.worker.limiter) if self.worker.limiter else None
+        elif self.dataplane == "fast":
+            self.limits_table = limiter = create_node_limits(settings)
+        else:
+            limiter = LocalRateLimiter(scope="node")
+        return authorizer_for(settings, limiter=limiter)
+
+    @property
+    def limiter_name(self) -> str | None:
+        """What a worker attaches to (the node process's table), None without auth."""
+        return str(self.limits_table.name) if self.limits_table is not None else None
+
     def _forwarder(self) -> PeerForwarder:
         cp = self.settings.control_plane
         client = RoutingClient(self.routing_table_or_empty, make_policy(cp.routing_policy), attempts=cp.retry_attempts,
@@ -173,6 +193,8 @@ class EdgeNode:
             raise
 
     async def _start_parts(self, stack: contextlib.AsyncExitStack) -> None:
+        if self.limits_table is not None:  # closed last: the owner unlinks it once every worker has gone
+            stack.callback(self.limits_table.close)
         start = getattr(self.authorizer, "start", None)
         if start is not None:
             await start()

@@ -17,6 +17,7 @@ Modelled on TEI's one handler per route over one ``Infer``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -182,9 +183,17 @@ class EdgePipeline:
         tokens = sum(len(s) for s in seqs)
         model = self.model.model_id
         await self.authorizer.reserve_tokens(principal, model=model, tokens=tokens)
-        done = await self.embedder.embed(seqs, timing, use_cache=_use_cache(request))
+        try:
+            done = await self.embedder.embed(seqs, timing, use_cache=_use_cache(request))
+        except BaseException:
+            # Nothing was served: the reservation goes back and no request is billed.
+            await asyncio.shield(self.authorizer.record_usage(principal, model=model, tokens=0, reserved=tokens,
+                                                              requests=0))
+            raise
+        # Bill what ran; inputs served from the response cache are counted, not billed.
         billed = tokens if done.computed_tokens is None else done.computed_tokens
-        await self.authorizer.record_usage(principal, model=model, tokens=billed, reserved=tokens)
+        await self.authorizer.record_usage(principal, model=model, tokens=billed, reserved=tokens,
+                                           cached_tokens=tokens - billed)
         return done.vectors, tokens, done.batch_size, done.inference_us, done.cache
 
     def _headers(self, request: HttpRequest, principal: Principal, work: _Work, cache: str | None,
