@@ -119,6 +119,6 @@ class QuotaBook:
                    f"spent; {when}.")
         else:
             msg = (f"This request needs {need} tokens but only {int(period.limit - used)} of the {period.label} "
-                   f"budget of {period.limit} tokens for key {record.prefix}… remain; {when}.")
+                   f"token budget of {period.limit} tokens for key {record.prefix}… remain; {when}.")
         return QuotaExceeded(msg, retry_after=max(1.0, period.resets_at - now), key_id=record.id,
                              period=period.label)

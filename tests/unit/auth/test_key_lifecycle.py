@@ -90,7 +90,7 @@ async def test_daily_budget_is_charged_before_the_work_and_resets(auth: KeyAutho
     await auth.reserve_tokens(p, model="m", tokens=60)
     with pytest.raises(QuotaExceeded) as info:  # 60 + 50 > 100: refused before it runs
         await auth.reserve_tokens(p, model="m", tokens=50)
-    assert info.value.code == "insufficient_quota" and "only 40 of the daily budget of 100" in info.value.message
+    assert info.value.code == "insufficient_quota" and "only 40 of the daily token budget of 100" in info.value.message
     assert error_reply(info.value).status == 429
     await auth.record_usage(p, model="m", tokens=60, reserved=60)
     await auth.reserve_tokens(p, model="m", tokens=40)
