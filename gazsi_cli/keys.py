@@ -123,7 +123,21 @@ async def _main(args: argparse.Namespace) -> int:
         if redis is not None:
             await redis.aclose()
     _print(args, out)
+    if args.action in ("revoke", "rotate", "update") and not args.json:
+        print(_reach(settings, published=redis is not None))
     return 0
+
+
+def _reach(settings: Any, *, published: bool) -> str:
+    """When running processes see the change: say it, so nobody trusts `[revoked]` too early."""
+    auth = settings.auth
+    if published:
+        return "Published to the cluster's Redis: running edges and gateways apply it within milliseconds."
+    if auth.key_events_poll_s > 0:
+        return (f"No Redis here: running edges and gateways see it at their next key-store poll "
+                f"(every {auth.key_events_poll_s:g}s, auth.key_events_poll_s).")
+    return (f"No Redis and key-store polling is off (auth.key_events_poll_s=0): running processes keep "
+            f"trusting their cached copy for up to {auth.cache_ttl_s:g}s (auth.cache_ttl_s).")
 
 
 def _print(args: argparse.Namespace, out: Any) -> None:

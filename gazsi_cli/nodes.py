@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 __all__ = ["register"]
@@ -60,7 +61,11 @@ def _ray(args: argparse.Namespace, settings: Any) -> Any:
     import ray
 
     from control_plane.actor import get_or_create_control_plane
+    from gazsi_cli.local_ray import LocalRay
 
+    if not os.environ.get("RAY_ADDRESS"):
+        # The head `gazsi up` started from this data directory has a token of its own.
+        os.environ.update(LocalRay.for_data_dir(settings.data_dir).client_env())
     ray.init(address="auto", namespace="gazsi", log_to_driver=False)
     handle = get_or_create_control_plane(settings)
     cmd = args.nodes_command

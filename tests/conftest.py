@@ -60,8 +60,26 @@ def redis_url(redis_server: ThrowawayRedis) -> str:
     return redis_server.url
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _users_ray_dir_untouched() -> Iterator[None]:
+    """Fail the run if any test wrote to the user's ``~/.ray`` (tests start Ray with a HOME of their own)."""
+    def snapshot() -> dict[str, float]:
+        root = Path.home() / ".ray"
+        return {str(p): p.stat().st_mtime for p in root.rglob("*")} if root.exists() else {}
+
+    if os.environ.get("GAZSI_TEST_OWN_HOME") == "1":  # an inner run whose HOME a test made for it
+        yield
+        return
+    before = snapshot()
+    yield
+    after = snapshot()
+    assert after == before, f"a test wrote to the user's ~/.ray: {sorted(set(after.items()) ^ set(before.items()))}"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``netns_inner`` run only when their outer test re-runs them inside ``unshare -n``."""
+    """``fresh_machine`` tests run first (no earlier test can leave them anything to lean on);
+    tests marked ``netns_inner`` run only when their outer test re-runs them inside ``unshare -n``."""
+    items.sort(key=lambda item: item.get_closest_marker("fresh_machine") is None)  # stable: order kept
     if os.environ.get("GAZSI_TEST_IN_NETNS") == "1":
         return
     inner = [item for item in items if item.get_closest_marker("netns_inner")]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ray_env import fresh_home_env
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 _INSIDE = "GAZSI_TEST_IN_NETNS"
@@ -29,8 +31,9 @@ def test_ray_actor_in_private_netns() -> None:
     here = Path(__file__).resolve()
     cmd = (f"ip link set lo up && {_INSIDE}=1 {sys.executable} -m pytest -q -p no:cacheprovider "
            f"'{here}::test_actor_inside' -o addopts='' --timeout 200")
+    # ray.init(address="local") writes a token to ~/.ray: give it a HOME of its own, never the user's.
     proc = subprocess.run(["unshare", "-n", "bash", "-c", cmd], capture_output=True, text=True, timeout=230,
-                          cwd=here.parents[3])
+                          cwd=here.parents[3], env=fresh_home_env())
     if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
         if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
             pytest.fail(f"unshare -n not permitted (GAZSI_REQUIRE_SERVICES=1): {proc.stderr[:300]}")

@@ -1,7 +1,9 @@
-"""Run a scenario script inside a private network namespace that has only ``lo``.
+"""Run a scenario script inside a private network namespace that has only ``lo``, with a HOME of its own.
 
 Ray binds to the host's address when started; inside ``unshare -n`` it can reach nothing but
-loopback. The scenario prints one JSON line prefixed ``RESULT:`` that the test asserts on.
+loopback. The scenario's HOME is an empty directory, so nothing it does reads or writes the
+user's ``~/.ray`` or data directory, and nothing an earlier test left there can help it.
+The scenario prints one JSON line prefixed ``RESULT:`` that the test asserts on.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.ray_env import fresh_home_env
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -28,7 +32,8 @@ def run_scenario(script: Path, *args: str, timeout_s: float) -> dict[str, Any]:
     proc = subprocess.run(
         ["unshare", "-n", "bash", "-c", f"ip link set lo up && exec {quoted}"],
         capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0"),
+        env=fresh_home_env(dict(os.environ, PYTHONUNBUFFERED="1",
+                                PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))),
     )
     if proc.returncode != 0 and "Operation not permitted" in proc.stderr[:2000]:
         if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,10 +18,13 @@ from pathlib import Path
 import httpx
 import yaml
 
-from gazsi_cli.up import ray_temp_dir, stop_local_ray
+from gazsi_cli.local_ray import ray_temp_dir, stop_local_ray
+from tests.support.ray_env import use_token_auth
 
 BIN = Path(sys.executable).parent
-ENV = dict(os.environ, RAY_AUTH_MODE="token")
+# A user's own Ray cluster with token auth, set up the way the README says: RAY_AUTH_MODE=token
+# and RAY_AUTH_TOKEN_PATH for `ray start`, `serve deploy` and this driver alike.
+ENV = use_token_auth(Path(tempfile.mkdtemp(prefix="gazsi-ray-token-")))
 
 
 def free_port() -> int:

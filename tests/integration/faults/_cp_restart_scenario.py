@@ -33,7 +33,7 @@ from deploy._serve_scenario import (
     sh,
 )
 
-from gazsi_cli.up import ray_temp_dir, stop_local_ray
+from gazsi_cli.local_ray import ray_temp_dir, stop_local_ray
 
 EDGES = 2
 WARM_S = 3.0          # load before the kill

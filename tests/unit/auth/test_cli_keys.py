@@ -63,3 +63,15 @@ def test_create_with_expiry_models_and_budgets_then_update(capsys: pytest.Captur
 def test_bad_duration_is_an_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["keys", "--data-dir", str(tmp_path), "create", "--name", "x", "--expires-in", "soon"]) == 2
     assert "not a duration" in capsys.readouterr().err
+
+
+def test_revoke_says_when_running_processes_refuse_the_key(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GAZSI_AUTH__REDIS_URL", raising=False)
+    prefix = json.loads(run(capsys, tmp_path, "--json", "create", "--name", "x"))["prefix"]
+    out = run(capsys, tmp_path, "revoke", prefix)
+    # No Redis: the text must not let `[revoked]` be read as "refused everywhere now".
+    assert "[revoked]" in out and "next key-store poll (every 0.25s" in out
+    monkeypatch.setenv("GAZSI_AUTH__KEY_EVENTS_POLL_S", "0")
+    prefix = json.loads(run(capsys, tmp_path, "--json", "create", "--name", "y"))["prefix"]
+    assert "for up to 30s (auth.cache_ttl_s)" in run(capsys, tmp_path, "revoke", prefix)
