@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -36,6 +37,8 @@ def register(sub: Any) -> None:
     up = sub.add_parser("up", help="start the whole cluster on this machine (Ray + Serve + edges)")
     up.add_argument("--profile", choices=["cpu", "gpu"], help="default: gpu when a CUDA device is found")
     up.add_argument("--port", type=int, default=8000, help="Serve HTTP proxy port")
+    up.add_argument("--edges", type=_positive, metavar="N",
+                    help="edge replicas (default: the profile's; the GPU profile runs one per GPU)")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the cluster to be healthy")
     up.add_argument("--data-dir", help="data directory (env GAZSI_DATA_DIR)")
     up.set_defaults(handler=_up)
@@ -45,6 +48,13 @@ def register(sub: Any) -> None:
     status = sub.add_parser("status", help="nodes, replicas and health of the local cluster")
     status.add_argument("--data-dir", help="data directory (env GAZSI_DATA_DIR)")
     status.set_defaults(handler=_status)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -116,7 +126,7 @@ def _show(cmd: list[str]) -> str:
 
 
 def _serve_config(settings: Settings, profile: str, port: int, config_file: str | None,
-                  local: bool = True) -> dict[str, Any]:
+                  local: bool = True, edges: int | None = None) -> dict[str, Any]:
     from importlib.resources import files
 
     base = yaml.safe_load(files("deployments").joinpath(f"{profile}.yaml").read_text())
@@ -129,7 +139,17 @@ def _serve_config(settings: Settings, profile: str, port: int, config_file: str 
         env["GAZSI_CONFIG"] = str(Path(config_file).resolve())
     for app in base["applications"]:
         app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
+        for dep in app.get("deployments", []):
+            if dep.get("name") == "Edge" and edges:
+                dep["num_replicas"] = edges
     return dict(base)
+
+
+def _cpus_needed(config: dict[str, Any]) -> float:
+    """Logical CPUs the config's replicas reserve: the local head offers at least that many, so a
+    small machine still places every replica (they share its cores, as processes do)."""
+    return sum(float(d.get("num_replicas", 1)) * float((d.get("ray_actor_options") or {}).get("num_cpus", 1))
+               for app in config.get("applications", []) for d in app.get("deployments", []))
 
 
 def _serve_status(address: str, env: dict[str, str], head: LocalRay | None = None) -> tuple[dict[str, Any], str]:
@@ -195,8 +215,10 @@ def _up(args: argparse.Namespace) -> int:
         # issue 18: shared limits/budgets/key changes for every process of the cluster
         os.environ.update(embedded_redis.up_env(settings, local_cluster=local, say=_say))
         env = dict(os.environ, GAZSI_DATA_DIR=str(settings.data_dir), RAY_USAGE_STATS_ENABLED="0")
+        edges = args.edges or (cuda_device_count() if profile == "gpu" else None)
+        serve_config = _serve_config(settings, profile, args.port, args.config, local, edges)
         if local:
-            dashboard = _start_head(head, env)
+            dashboard = _start_head(head, env, _cpus_needed(serve_config))
         else:
             dashboard = os.environ.get("GAZSI_RAY_DASHBOARD", "http://127.0.0.1:8265")
             _say(f"using the Ray cluster at {os.environ['RAY_ADDRESS']} (its own auth settings: "
@@ -206,7 +228,7 @@ def _up(args: argparse.Namespace) -> int:
             "ray_temp_dir": head.temp_dir if local else None,
         }))
         config_path = settings.data_dir / f"serve-{profile}.yaml"
-        config_path.write_text(yaml.safe_dump(_serve_config(settings, profile, args.port, args.config, local)))
+        config_path.write_text(yaml.safe_dump(serve_config))
         _say(f"deploying {config_path.name}…")
         _run([_bin("serve"), "deploy", str(config_path), "--address", dashboard], env=env,
              head=head if local else None,
@@ -223,7 +245,7 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_head(head: LocalRay, env: dict[str, str]) -> str:
+def _start_head(head: LocalRay, env: dict[str, str], cpus_needed: float) -> str:
     head.ensure_token()
     env.update(head.env())
     gcs_port, dash_port, client_port = _free_port(), _free_port(), _free_port()
@@ -233,7 +255,8 @@ def _start_head(head: LocalRay, env: dict[str, str]) -> str:
     # is not a child of the processes that name the temp dir, and outlived `ray stop` by a minute).
     _run([_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--disable-usage-stats",
-          f"--ray-client-server-port={client_port}", f"--temp-dir={head.temp_dir}"], env=env,
+          f"--ray-client-server-port={client_port}", f"--temp-dir={head.temp_dir}",
+          f"--num-cpus={max(os.cpu_count() or 1, math.ceil(cpus_needed))}"], env=env,
          hint=f"Ray's logs: {head.temp_dir}/session_latest/logs")
     return f"http://127.0.0.1:{dash_port}"
 
@@ -368,7 +391,7 @@ def _down(args: argparse.Namespace) -> int:
             _say(f"Serve shutdown failed (continuing):\n{tail_lines(proc.stderr or proc.stdout, max_lines=4)}")
     if head is not None:
         t1 = time.monotonic()
-        stopped = head.stop()
+        stopped = head.stop(timeout_s=5.0)  # after Serve shut down nothing is left to lose; some Ray processes ignore SIGTERM
         _say(f"local Ray head stopped ({stopped} processes, {time.monotonic() - t1:.1f}s)" if stopped
              else "local Ray head was not running")
     if embedded_redis.stop(settings.data_dir):

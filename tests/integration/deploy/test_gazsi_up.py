@@ -52,3 +52,22 @@ def test_gazsi_up_from_an_empty_home_and_when_it_fails() -> None:
     assert dies["exit_after_kill_s"] < 60, dies
     assert dies["leftovers"] == [], dies
     assert "nothing to stop" in dies["down_out"] and "shut down" not in dies["down_out"], dies
+
+
+def test_gazsi_up_two_edges_limits_revocation_and_usage_hold_cluster_wide() -> None:
+    r = run_scenario(Path(__file__).with_name("_up_two_edges_scenario.py"), timeout_s=880)
+    print({k: r.get(k) for k in ("limit", "revocation", "crash")})  # `pytest -s`; docs/reliability.md
+    assert r["up_rc"] == 0, r["up_out"]
+    assert r["edges"] == 2, r
+    limit = r["limit"]
+    # 3x the key's requests/min sent to both edges at once: exactly the limit is answered.
+    assert limit["ok"] == 24 and limit["limited"] == 48 and limit["other"] == [], limit
+    assert limit["retry_after_on_429"], limit
+    assert all(counts.get("200", 0) > 0 for counts in limit["per_edge"].values()), limit  # both edges served
+    rev = r["revocation"]
+    assert rev["before"] == [200, 200], rev
+    assert all(t is not None and t <= 1.0 for t in rev["refused_after_s"]), rev  # ≤ 1 s on every edge
+    crash = r["crash"]
+    assert crash["killed"] == 1 and crash["answered"] == 30, crash
+    assert crash["usage_requests"] == crash["answered"], crash  # nothing answered is missing
+    assert r["down_rc"] == 0
