@@ -30,10 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: tests.support and benchmarks import from the root
 
 from gazsi_cluster.auth.admin import KeyAdmin  # noqa: E402
-from gazsi_cluster.auth.factory import build_authorizer  # noqa: E402
+from gazsi_cluster.auth.factory import build_authorizer, open_store  # noqa: E402
 from gazsi_cluster.auth.limits import Op  # noqa: E402
 from gazsi_cluster.auth.shared_limits import SharedBuckets  # noqa: E402
-from gazsi_cluster.auth.store import open_store  # noqa: E402
 from gazsi_cluster.config import load_settings  # noqa: E402
 from tests.support.auth_hammer import run_hammers  # noqa: E402
 from tests.support.services import ThrowawayRedis  # noqa: E402

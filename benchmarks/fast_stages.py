@@ -1,6 +1,7 @@
 """Where one low-load request's time goes in the fast front (issue 8, round 2: the p50 <= 1 ms goal).
 
-Starts the fast front in this process (supervisor; engine and workers are forked), sends
+Starts an edge node with the fast front in this process (its event loop in a thread; workers are
+processes of their own), sends
 ``--requests`` single-input ``POST /v1/embeddings`` one at a time on one keep-alive connection
 (concurrency 1: the lowest load there is), and after each reply reads the per-stage timestamps
 the worker and the engine wrote into the request's ring slot (``time.monotonic_ns``, one clock
@@ -29,9 +30,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_node.transports.fast.supervisor import FastFront  # noqa: E402
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 from benchmarks.loadgen import SENTENCES  # noqa: E402
+from edge_node.node import EdgeNode  # noqa: E402
 from edge_node.transports.fast.ring import (  # noqa: E402
     M_T_FORMED,
     M_T_INFER0,
@@ -41,12 +46,46 @@ from edge_node.transports.fast.ring import (  # noqa: E402
     M_T_SUBMIT,
     M_T_WOKEN,
 )
-from gazsi_cluster.config import load_settings  # noqa: E402
+from gazsi_cluster.config import Settings, load_settings  # noqa: E402
 
 STAGES = [("parse+tokenise", None, M_T_SUBMIT), ("pipe to engine", M_T_SUBMIT, M_T_READ),
           ("form batch", M_T_READ, M_T_FORMED), ("gather+pad", M_T_FORMED, M_T_INFER0),
           ("engine", M_T_INFER0, M_T_INFER1), ("scatter", M_T_INFER1, M_T_REPLY),
           ("pipe to worker", M_T_REPLY, M_T_WOKEN), ("respond", M_T_WOKEN, None)]
+
+
+@contextmanager
+def running_node(settings: Settings) -> Iterator[EdgeNode]:
+    """The node under its lifespan on an event loop of its own (this thread stays a plain blocking client)."""
+    started = threading.Event()
+    holder: dict[str, object] = {}
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> None:
+        async with EdgeNode(settings) as node:
+            holder["node"] = node
+            holder["stop"] = stop = asyncio.Event()
+            started.set()
+            await stop.wait()
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(serve())
+        except BaseException as exc:  # start-up failed: say so to the waiting thread
+            holder["error"] = exc
+            started.set()
+
+    thread = threading.Thread(target=run, name="edge-node", daemon=True)
+    thread.start()
+    started.wait(300)
+    if "error" in holder or "node" not in holder:
+        raise RuntimeError(f"the edge node did not start: {holder.get('error')!r}")
+    try:
+        yield holder["node"]  # type: ignore[misc]
+    finally:
+        stop = holder["stop"]
+        loop.call_soon_threadsafe(stop.set)  # type: ignore[attr-defined]
+        thread.join(60)
 
 
 def main() -> int:
@@ -56,10 +95,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     settings = load_settings(args.config)
-    front = FastFront(settings)
-    front.start()
-    try:
-        conn = http.client.HTTPConnection(settings.edge.host, front.port, timeout=10)
+    with running_node(settings) as node:
+        conn = http.client.HTTPConnection(settings.edge.host, node.port, timeout=10)
         deadline = time.monotonic() + 240
         while True:  # ready: the engine loaded and captured its graphs
             try:
@@ -76,8 +113,9 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError("fast front not ready")
             time.sleep(0.5)
-        ring = front.ring
-        assert ring is not None
+        ring = getattr(node.transport, "ring", None)
+        if ring is None:
+            raise RuntimeError(f"the node runs the {node.dataplane} data plane: this script measures the fast front")
         rng = random.Random(1)
         rows: list[list[int]] = []
         for i in range(args.requests + 200):
@@ -94,8 +132,6 @@ def main() -> int:
                 rows.append([t_send, *(int(ring.meta[slot, w]) for w in (M_T_SUBMIT, M_T_READ, M_T_FORMED,
                              M_T_INFER0, M_T_INFER1, M_T_REPLY, M_T_WOKEN)), t_recv])
         conn.close()
-    finally:
-        front.stop()
     a = np.array(rows, dtype=np.int64)
     cols = {None: 0, M_T_SUBMIT: 1, M_T_READ: 2, M_T_FORMED: 3, M_T_INFER0: 4, M_T_INFER1: 5, M_T_REPLY: 6,
             M_T_WOKEN: 7}

@@ -157,6 +157,36 @@ def cpu_seconds(root_pid: int) -> float:
     return total
 
 
+def cpu_by_process(root_pid: int) -> dict[int, tuple[float, dict[int, float]]]:
+    """CPU seconds (user+system) of every process of the server, and of each of its threads."""
+    import psutil
+
+    out: dict[int, tuple[float, dict[int, float]]] = {}
+    try:
+        procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (t.user + t.system, {th.id: th.user_time + th.system_time for th in p.threads()})
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_split(before: dict[int, tuple[float, dict[int, float]]], after: dict[int, tuple[float, dict[int, float]]],
+              requests: int) -> list[dict[str, Any]]:
+    """Per process: CPU ms per request and its busiest threads' (where a single thread is the limit)."""
+    rows = []
+    for pid, (total, threads) in after.items():
+        t0, th0 = before.get(pid, (0.0, {}))
+        busiest = sorted(((v - th0.get(tid, 0.0)) for tid, v in threads.items()), reverse=True)[:3]
+        rows.append({"pid": pid, "threads": len(threads), "ms_per_req": (total - t0) * 1e3 / requests,
+                     "busiest_threads_ms_per_req": [round(b * 1e3 / requests, 4) for b in busiest]})
+    return sorted(rows, key=lambda r: -r["ms_per_req"])
+
+
 class System:
     """A server under test: how to start it, where to send load, how to read its batch sizes."""
 
@@ -215,13 +245,14 @@ class System:
 def measure(system: System, wrk: Wrk, kind: str, conns: int, duration: float,
             delay_ms: tuple[int, int] = (0, 0)) -> dict[str, Any]:
     assert system.proc is not None
-    before, cpu0 = system.batch_counters(), cpu_seconds(system.proc.pid)
+    before, cpu0, split0 = system.batch_counters(), cpu_seconds(system.proc.pid), cpu_by_process(system.proc.pid)
     r = wrk.run(system.url, kind, conns, duration, delay_ms)
-    after, cpu1 = system.batch_counters(), cpu_seconds(system.proc.pid)
+    after, cpu1, split1 = system.batch_counters(), cpu_seconds(system.proc.pid), cpu_by_process(system.proc.pid)
     if before and after and after[1] > before[1]:
         r["mean_batch"] = (after[0] - before[0]) / (after[1] - before[1])
     if r["requests"]:
         r["cpu_ms_per_req"] = (cpu1 - cpu0) * 1e3 / r["requests"]
+        r["cpu_split"] = cpu_split(split0, split1, r["requests"])
     r.update(kind=kind, conns=conns, delay_ms=list(delay_ms))
     log(f"  {system.name:14s} {kind:9s} c={conns:4d} delay={delay_ms}: {r['rps']:10,.0f} req/s "
         f"p50 {r['p50'] / 1e3:7.2f} ms p99 {r['p99'] / 1e3:7.2f} ms errors {r['errors']} "
@@ -259,7 +290,7 @@ def bench_system(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) 
             r["target_rps"] = top * frac
             r["load_frac"] = r["rps"] / top if top else 0.0
             res["latency"][str(frac)] = r
-        if args.profile and system.name == "edge-fast":
+        if args.profile and system.name in ("edge-fast", "edge-fast-before"):
             try:
                 res["profile"] = profile(system, wrk, args, out)
             except Exception as exc:  # a profiler problem must not lose the measurements
@@ -277,24 +308,33 @@ def profile(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) -> di
     import psutil
 
     assert system.proc is not None
-    # The node process (engine, slot batcher) is the server itself; workers are its children.
-    workers = []
-    for p in psutil.Process(system.proc.pid).children(recursive=True):
+    # Today the node process (engine, slot batcher) is the server itself and workers are
+    # ``python -m edge_node.worker_process`` children. The tree before issue 13 forked both from the
+    # CLI: its engine process is the child with several threads, its workers the single-threaded ones.
+    root = psutil.Process(system.proc.pid)
+    engine, workers = system.proc.pid, []
+    for p in root.children(recursive=True):
         try:
-            if "edge_node.transports.fast.worker" in " ".join(p.cmdline()):
+            cmd = " ".join(p.cmdline())
+            if "edge_node.worker_process" in cmd:
                 workers.append(p.pid)
+            elif cmd == " ".join(root.cmdline()):
+                if p.num_threads() > 1:
+                    engine = p.pid
+                else:
+                    workers.append(p.pid)
         except psutil.Error:
             continue
-    roles = {"engine": system.proc.pid, **({"worker": min(workers)} if workers else {})}
+    roles = {"engine": engine, **({"worker": min(workers)} if workers else {})}
     pyspy = shutil.which("py-spy") or "/tmp/site/bin/py-spy"
     procs = {role: subprocess.Popen([pyspy, "record", "-d", "4", "-r", "200", "--nonblocking", "-f", "raw",
-                                     "-o", str(out / f"pyspy_{role}.txt"), "-p", str(pid)],
+                                     "-o", str(out / f"pyspy_{system.name}_{role}.txt"), "-p", str(pid)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for role, pid in roles.items()}
     wrk.run(system.url, "single", args.conns, 5)
     top: dict[str, Any] = {}
     for role, p in procs.items():
         p.wait(30)
-        path = out / f"pyspy_{role}.txt"
+        path = out / f"pyspy_{system.name}_{role}.txt"
         counts: dict[str, int] = {}
         total = 0
         if path.is_file():

@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,10 @@ from pathlib import Path
 import httpx
 
 from benchmarks.loadgen import LoadSpec, run_load
+from gazsi_cli.ports import free_port
 
 GAZSI = str(Path(sys.executable).parent / "gazsi")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bench(name: str, url: str, key: str | None, args: argparse.Namespace) -> dict:

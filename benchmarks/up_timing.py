@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,21 +22,18 @@ from pathlib import Path
 
 import httpx
 
+from gazsi_cli.ports import free_port
+
 GAZSI = str(Path(sys.executable).parent / "gazsi")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="gazsi-up-timing-"))
-    env = dict(os.environ, GAZSI_GATEWAY__PORT=str(_free_port()))
+    env = dict(os.environ, GAZSI_GATEWAY__PORT=str(free_port()))
     result: dict[str, object] = {"load_before": os.getloadavg()[0], "cpus": os.cpu_count()}
     started = time.monotonic()
-    up = subprocess.run([GAZSI, "up", "--data-dir", str(data), "--port", str(_free_port())],
+    up = subprocess.run([GAZSI, "up", "--data-dir", str(data), "--port", str(free_port())],
                         capture_output=True, text=True, env=env, timeout=900)
     result["up_s"] = round(time.monotonic() - started, 1)
     try:

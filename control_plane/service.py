@@ -42,6 +42,7 @@ def node_view(rec: NodeRecord, now: float) -> dict[str, Any]:
         "engine_backend": rec.facts.engine_backend,
         "gpu_model": rec.facts.gpu_model,
         "dataplane": rec.facts.dataplane,
+        "dataplane_reason": rec.facts.dataplane_reason,
         "version": rec.facts.version,
         "weight": rec.weight,
         "heartbeats": rec.heartbeats,

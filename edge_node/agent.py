@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import httpx
 
 from gazsi_cluster.config import ControlPlaneConfig
-from gazsi_cluster.errors import GazsiError, UnknownNode
+from gazsi_cluster.errors import AuthenticationError, GazsiError, PermissionDenied, UnknownNode
 from gazsi_cluster.protocol import NodeFacts, NodeLoad
 from gazsi_cluster.routing.follower import TableFollower
 from gazsi_cluster.routing.table import RoutingTable
@@ -50,7 +50,10 @@ def _raise_for(resp: httpx.Response) -> None:
         err = {"message": resp.text[:200], "code": None}
     if err.get("code") == "unknown_node":
         raise UnknownNode(err.get("message", "unknown node"))
-    raise GazsiError(f"control plane answered {resp.status_code}: {err.get('message')}", code=err.get("code"))
+    message = f"control plane answered {resp.status_code}: {err.get('message')}"
+    # 401/403 keep their type so the agent can tell a refused join (wrong token) from a passing failure.
+    kind = {401: AuthenticationError, 403: PermissionDenied}.get(resp.status_code, GazsiError)
+    raise kind(message, code=err.get("code"))
 
 
 class HttpsLink:
@@ -175,8 +178,11 @@ class EdgeAgent:
     """
 
     def __init__(self, link: ControlPlaneLink, facts: NodeFacts, load: Callable[[], NodeLoad],
-                 config: ControlPlaneConfig, *, token: str | None = None, interval_s: float | None = None) -> None:
+                 config: ControlPlaneConfig, *, token: str | None = None, interval_s: float | None = None,
+                 on_refused: Callable[[GazsiError], None] | None = None) -> None:
         self.link, self.facts, self.load = link, facts, load
+        self.on_refused = on_refused
+        self.refusal: GazsiError | None = None
         self.token = token if token is not None else config.join_token
         self.interval_s = interval_s or config.heartbeat_interval_s
         self.node_id: str | None = self.facts.node_id
@@ -222,12 +228,31 @@ class EdgeAgent:
                 self.failures = 0
             except asyncio.CancelledError:
                 raise
+            except (AuthenticationError, PermissionDenied) as exc:
+                if self.state == "joined":  # a heartbeat refused (certificate): joining again may fix it
+                    self.failures += 1
+                    log.warning("heartbeat failed (%d in a row): %s", self.failures, exc)
+                else:
+                    # A refused join (wrong token) does not get right by retrying: say so once and stop.
+                    self._refused(exc)
+                    return
             except Exception as exc:
                 self.failures += 1
-                log.warning("heartbeat failed (%d in a row): %s", self.failures, exc)
+                what = "heartbeat" if self.state == "joined" else "joining the control plane"
+                log.warning("%s failed (%d in a row): %s", what, self.failures, exc)
             # Fixed rate, not fixed delay: a slow heartbeat must not stretch the interval.
             next_at = max(next_at + self.interval_s, time.monotonic())
             await asyncio.sleep(next_at - time.monotonic())
+
+    def _refused(self, exc: GazsiError) -> None:
+        # RayLink: Ray wraps the actor's error, whose str is the remote traceback; keep the control plane's words.
+        cause = getattr(exc, "cause", None)
+        refusal = cause if isinstance(cause, GazsiError) else exc
+        self.state, self.refusal = "refused", refusal
+        log.error("the control plane refused to let this node join (%s); check the cluster's join token "
+                  "(control_plane.join_token, gazsi edge serve --join-token)", refusal.message)
+        if self.on_refused is not None:
+            self.on_refused(refusal)
 
     async def start(self) -> None:
         if self._task is None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from edge_node.agent import ControlPlaneLink, EdgeAgent, HttpsLink, LoadWindow, latency_quantiles
 from edge_node.embedders import BatcherEmbedder, CachedEmbedder, Embedder
@@ -33,46 +34,36 @@ from edge_node.engines import Engine
 from edge_node.forwarding import PeerForwarder
 from edge_node.hardware import choose_dataplane
 from edge_node.inputs import InputRules
-from edge_node.metrics import EngineMetrics, RequestMetrics
+from edge_node.metrics import EngineMetrics, RequestMetrics, render_request_metrics, request_families
 from edge_node.pipeline import EdgePipeline, ModelFacts
 from edge_node.runtime import ModelRuntime
 from edge_node.tokenization import TextTokenizer
+from edge_node.transports.base import Transport
 from gazsi_cluster import __version__
 from gazsi_cluster.auth import Authorizer
 from gazsi_cluster.auth.factory import attach_node_limits, authorizer_for, create_node_limits
 from gazsi_cluster.auth.limits import LocalRateLimiter
 from gazsi_cluster.cache import ResponseCache, build_response_cache
 from gazsi_cluster.config import LimitsConfig, Settings
-from gazsi_cluster.errors import ServiceUnavailable
+from gazsi_cluster.errors import ConfigError, GazsiError, ServiceUnavailable
 from gazsi_cluster.model import load_model_spec
 from gazsi_cluster.protocol import NodeFacts, NodeLoad
 from gazsi_cluster.routing import RoutingClient, RoutingTable, make_policy
+from gazsi_cluster.tls import routing_client_context
 
 if TYPE_CHECKING:
     from edge_node.transports.fast.worker import WorkerHandoff
     from gazsi_cluster.http.server import RunningServer
 
-__all__ = ["EdgeNode", "Transport"]
+__all__ = ["OPERATOR_PORT_SPAN", "EdgeNode", "Transport"]
 
 log = logging.getLogger(__name__)
 
-
-class Transport(Protocol):
-    name: str
-    port: int
-
-    async def start(self) -> None: ...
-
-    async def stop(self, timeout_s: float = 10.0) -> None: ...
-
-    async def wait_ready(self) -> None: ...
-
-    def check_health(self) -> None: ...
-
-    def readiness(self) -> dict[str, Any]: ...
-
-    @property
-    def ready(self) -> bool: ...
+# What a fast front starts as its worker processes (``python -m``): it builds this node in its worker role.
+_WORKER_MODULE = "edge_node.worker_process"
+# How many ports above the data port a derived operator port may take: one per Edge replica that
+# shares a data port, i.e. per GPU of the largest host (the chart's check keeps them free).
+OPERATOR_PORT_SPAN = 16
 
 
 class EdgeNode:
@@ -107,6 +98,9 @@ class EdgeNode:
         self._closed = asyncio.Event()
         self._load = LoadWindow()
         self._join_task: asyncio.Task[None] | None = None
+        # Why this node cannot go on (the control plane refused its join); entry points stop on it.
+        self.failure: GazsiError | None = None
+        self._failed = asyncio.Event()
         self.transport: Transport = self._assemble(engine)
 
     # -- assembly --------------------------------------------------------------------------
@@ -120,12 +114,13 @@ class EdgeNode:
 
             worker_transport = WorkerTransport(self, self.worker)
             transport, embedder = worker_transport, worker_transport.embedder
+            self.request_metrics = worker_transport.metrics  # cells in the ring: the node process sums them
         else:
             self.runtime = ModelRuntime(settings, metrics=self.engine_metrics, engine=engine)
             if mode == "fast":
                 from edge_node.transports.fast.front import FastTransport
 
-                return FastTransport(self)
+                return FastTransport(self, worker_module=_WORKER_MODULE)
             embedder = BatcherEmbedder(self.runtime)
             if mode == "asgi":
                 from edge_node.transports.asgi import AsgiTransport
@@ -169,8 +164,10 @@ class EdgeNode:
 
     def _forwarder(self) -> PeerForwarder:
         cp = self.settings.control_plane
+        # edge.peer_tls is read here only: peers that require cluster client certificates (issue 18).
         client = RoutingClient(self.routing_table_or_empty, make_policy(cp.routing_policy), attempts=cp.retry_attempts,
-                               timeout_s=cp.request_timeout_s, connect_timeout_s=cp.connect_timeout_s)
+                               timeout_s=cp.request_timeout_s, connect_timeout_s=cp.connect_timeout_s,
+                               ssl_context=routing_client_context(self.settings.edge.peer_tls))
         return PeerForwarder(client, lambda: self.node_id)
 
     # -- lifespan --------------------------------------------------------------------------
@@ -214,7 +211,8 @@ class EdgeNode:
             await self._start_ops()
         link = self._link or self._https_link()
         if link is not None and self.worker is None:
-            self.agent = EdgeAgent(link, self.facts(), self.load, self.settings.control_plane)
+            self.agent = EdgeAgent(link, self.facts(), self.load, self.settings.control_plane,
+                                   on_refused=self._join_refused)
             # Join only once the node can serve: a loading node in the routing table turns traffic into 503s.
             self._join_task = asyncio.create_task(self._join_when_ready(), name="gazsi-edge-join")
             stack.push_async_callback(self._stop_agent)
@@ -235,9 +233,27 @@ class EdgeNode:
         from gazsi_cluster.http.server import start_server
 
         edge = self.settings.edge
-        port = edge.admin_port if edge.admin_port is not None else (self.transport.port + 1 if edge.port else 0)
-        self.ops = await start_server(create_app(self), edge.host, port,
-                                      **listener_options(self.settings.limits, edge.tls))
+        app, options = create_app(self), listener_options(self.settings.limits, edge.tls)
+        if edge.admin_port is not None or not edge.port:
+            ports = [edge.admin_port or 0]
+        else:
+            # Serve places one Edge replica per GPU, several in one pod, all on the shared data port
+            # (SO_REUSEPORT); each replica has its own operator app, so a derived port is the first
+            # free one above the data port, never a second bind of port + 1.
+            ports = [self.transport.port + i for i in range(1, OPERATOR_PORT_SPAN + 1)]
+        for port in ports:
+            try:
+                self.ops = await start_server(app, edge.host, port, **options)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        else:
+            asked = (f"edge.admin_port {ports[0]}" if len(ports) == 1 else
+                     f"every operator port from {ports[0]} to {ports[-1]} (edge.port + 1 .. + {len(ports)})")
+            raise ConfigError(f"{asked} is in use on {edge.host}: set edge.admin_port to a free port")
+        if len(ports) > 1 and self.ops.port != ports[0]:
+            log.info("operator app on port %d: port %d is another replica's", self.ops.port, ports[0])
         assert self._stack is not None
         self._stack.push_async_callback(self.ops.stop)
 
@@ -268,6 +284,16 @@ class EdgeNode:
                 await stack.aclose()
         finally:
             self._closed.set()
+
+    def _join_refused(self, exc: GazsiError) -> None:
+        self.failure = exc
+        self._failed.set()
+
+    async def wait_failed(self) -> GazsiError:
+        """Return once the node cannot go on (its control plane refused it); ``gazsi edge serve`` exits then."""
+        await self._failed.wait()
+        assert self.failure is not None
+        return self.failure
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -311,10 +337,17 @@ class EdgeNode:
         return NodeFacts(
             node_id=None, address=self._advertise or s.edge.host, port=self.port,
             scheme="https" if s.edge.tls.enabled else "http", region=s.edge.region, zone=s.edge.zone,
-            dataplane=self.dataplane,
+            dataplane=self.dataplane, dataplane_reason=self.dataplane_summary()[:256],
             engine_backend=engine.info.backend if engine else s.engine.backend, models=[s.engine.model],
             max_batch_size=s.batcher.max_batch_size, version=__version__,
         )
+
+    def dataplane_summary(self) -> str:
+        """Why this data plane, and for a fast front how many HTTP workers serve it (``gazsi up`` prints it)."""
+        workers = getattr(self.transport, "workers", None) if self.worker is None else None
+        if self.dataplane == "fast" and isinstance(workers, list) and workers:
+            return f"{self.dataplane_reason} — {len(workers)} HTTP worker{'s' if len(workers) > 1 else ''}"
+        return self.dataplane_reason
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -331,6 +364,8 @@ class EdgeNode:
         self.transport.check_health()
         if self.ops is not None and not self.ops.alive:
             raise ServiceUnavailable("the operator listener stopped", retry_after=1)
+        if self.failure is not None:
+            raise ServiceUnavailable(f"the control plane refused this node: {self.failure.message}", retry_after=30)
 
     def readiness(self) -> dict[str, Any]:
         view = getattr(self.transport, "node_view", None)
@@ -343,6 +378,10 @@ class EdgeNode:
             "dataplane": self.dataplane, "dataplane_reason": self.dataplane_reason,
             "node_id": self.node_id, "transport": self.transport.readiness(),
         }
+        if self.agent is not None:
+            detail["control_plane"] = {"state": self.agent.state, "failures": self.agent.failures}
+            if self.failure is not None:
+                detail["control_plane"]["error"] = self.failure.message
         if self.runtime is not None:
             detail.update(self.runtime.readiness())
         if "batcher" in detail["transport"]:  # the fast front's slot batcher: the live batching rules
@@ -354,18 +393,13 @@ class EdgeNode:
             detail["cache"] = self.cache.status()
         return detail
 
-    def render_metrics(self) -> bytes:
-        """Every process's metrics in one scrape (workers' through prometheus' multiprocess files)."""
-        parts = [self.engine_metrics.render()]
-        metrics_dir = getattr(self.transport, "metrics_dir", "")
-        if metrics_dir:
-            from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    def _request_metric_parts(self) -> list[RequestMetrics]:
+        """This process's request metrics and, on the fast front, every worker's (in the ring)."""
+        return [self.request_metrics, *getattr(self.transport, "worker_metrics", ())]
 
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
-            parts.append(generate_latest(registry))
-        else:
-            parts.append(self.request_metrics.render())
+    def render_metrics(self) -> bytes:
+        """Every process's metrics in one scrape (workers' summed from their cells in the ring)."""
+        parts = [self.engine_metrics.render(), render_request_metrics(self._request_metric_parts())]
         for source in (self.authorizer, self.cache):
             render = getattr(getattr(source, "metrics", source), "render", None)
             if render is not None and source is not None:
@@ -399,14 +433,7 @@ class EdgeNode:
                         tokens_per_s=w.delta("tokens", tokens) / elapsed, draining=self.draining)
 
     def _request_families(self) -> Any:
-        metrics_dir = getattr(self.transport, "metrics_dir", "")
-        if not metrics_dir:
-            return self.request_metrics.registry.collect()
-        from prometheus_client import CollectorRegistry, multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
-        return registry.collect()
+        return request_families(self._request_metric_parts())
 
     # -- run-time changes --------------------------------------------------------------------
     def apply_limits(self, limits: LimitsConfig) -> None:

@@ -9,7 +9,9 @@ Read top to bottom, a data request goes
 and any error on the way becomes a reply in exactly one place (:func:`gazsi_cluster.http.errors.error_reply`),
 after the peer forwarder had its chance at the errors a peer can fix (overloaded, model not here, not
 ready). The FastAPI app, the fast front's workers, the GPU data plane and a reverse tunnel all call
-:meth:`EdgePipeline.handle`; none of them validates, authorises, bills or formats errors on its own.
+:meth:`EdgePipeline.handle` (the GPU data plane's hot ``/inference`` path calls :meth:`EdgePipeline.handle_inference`,
+the same stages without the encode one, which its build kernel does); none of them validates, authorises,
+bills or formats errors on its own.
 Modelled on TEI's one handler per route over one ``Infer``.
 
 >>> reply = await pipeline.handle(HttpRequest("GET", "/inference", "d=hello"))  # doctest: +SKIP
@@ -185,7 +187,11 @@ class EdgePipeline:
         await self.authorizer.reserve_tokens(principal, model=model, tokens=tokens)
         try:
             done = await self.embedder.embed(seqs, timing, use_cache=_use_cache(request))
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Overloaded):
+                # A full queue answers with the configured Retry-After (limits.retry_after_s, live on
+                # reconfigure), whichever embedder refused: this process's batcher or the fast front's ring.
+                exc.retry_after = self.rules.limits.retry_after_s
             # Nothing was served: the reservation goes back and no request is billed.
             await asyncio.shield(self.authorizer.record_usage(principal, model=model, tokens=0, reserved=tokens,
                                                               requests=0))
@@ -200,8 +206,7 @@ class EdgePipeline:
                  tokens: int, inputs: int) -> list[tuple[str, str]]:
         timing = work.timing
         timing.serialized = time.perf_counter()
-        stages = timing.stages()
-        self.metrics.observe_work(stages, tokens, inputs)
+        self.metrics.observe_work(timing, tokens, inputs)
         headers = list(principal.headers)
         if cache is not None:
             headers.append(("X-Gazsi-Cache", cache))
@@ -224,11 +229,25 @@ class EdgePipeline:
                               prompt_tokens=tokens, encoding_format=body.encoding_format)
         return HttpReply(200, out, self._headers(request, principal, work, cache, tokens, len(seqs)))
 
-    async def gazsi(self, request: HttpRequest, text: str | None) -> GazsiResult:
-        """``/inference`` up to (not including) the encode stage; the GPU data plane encodes on the GPU."""
+    async def handle_inference(self, request: HttpRequest, text: str) -> GazsiResult | HttpReply:
+        """``GET /inference`` for a transport that encodes the body itself (the GPU data plane's build kernel).
+
+        The same stages as :meth:`handle` up to, not including, the encode stage: a :class:`GazsiResult`, or
+        the reply for an error (through the same forwarding and the same error mapping). Never raises
+        (cancellation aside); the request is counted in the metrics like every other.
+        """
         work = _Work(request.received)
         work.model = self.model.model_id
-        return await self._gazsi(request, work, text)
+        outcome: GazsiResult | HttpReply
+        try:
+            outcome = await self._gazsi(request, work, text)
+        except GazsiError as exc:
+            outcome = await self._refused(request, work, exc)
+        except Exception as exc:  # a bug: the log keeps the stack, the client gets a generic 500
+            outcome = error_reply(exc)
+        status = outcome.status if isinstance(outcome, HttpReply) else 200
+        self.metrics.observe("/inference", status, time.perf_counter() - request.received)
+        return outcome
 
     async def _gazsi(self, request: HttpRequest, work: _Work, text: str | None) -> GazsiResult:
         if not text:

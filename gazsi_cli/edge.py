@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 from typing import Any
 
@@ -58,6 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, **_overrides(args))
     if args.log_level:
         settings.log_level = args.log_level
+    # The node process follows log_level (file, GAZSI_LOG_LEVEL or --log-level), as its workers do.
+    logging.getLogger().setLevel(settings.log_level.upper())
     try:
         import uvloop
     except ImportError:
@@ -69,6 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run(settings: Any, advertise: str | None) -> None:
     from edge_node.node import EdgeNode
+    from gazsi_cluster.errors import GazsiError
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,5 +85,13 @@ async def _run(settings: Any, advertise: str | None) -> None:
         print(f"gazsi edge: serving on {node.url}{ops}; the model loads in the background", flush=True)
         if node.agent is not None:
             print(f"gazsi edge: joining the control plane at {settings.control_plane.url}", flush=True)
-        await stop.wait()
+        # A signal, or a control plane that refused this node: a node asked to join a cluster that will not
+        # have it must not carry on as if it were a member.
+        stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(node.wait_failed())
+        await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopped, failed):
+            task.cancel()
         print("gazsi edge: draining (in-flight requests finish, then the node stops)", flush=True)
+    if node.failure is not None:
+        raise GazsiError(f"the control plane at {settings.control_plane.url} refused this node: "
+                         f"{node.failure.message}")

@@ -20,13 +20,13 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gazsi_cli.ports import free_port
 from gazsi_cluster.config import Settings
 from gazsi_cluster.errors import ConfigError, ServiceUnavailable
 
@@ -92,11 +92,6 @@ def running_url(data_dir: Path) -> str | None:
     return str(state["url"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def start(data_dir: Path, *, timeout_s: float = 10.0) -> str:
     """Start the embedded Redis for ``data_dir`` (or find the one already running); its URL."""
@@ -120,7 +115,7 @@ def start(data_dir: Path, *, timeout_s: float = 10.0) -> str:
         url = f"unix://{sock}?db=0"
     else:
         password = secrets.token_urlsafe(24)
-        port = _free_port()
+        port = free_port()
         args += ["--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes", "--requirepass", password]
         url = f"redis://:{password}@127.0.0.1:{port}/0"
     # Its own session: Ctrl-C in the terminal that ran `gazsi up` must not take it down with the CLI.

@@ -75,7 +75,7 @@ def _ray(args: argparse.Namespace, settings: Any) -> Any:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ("node_id", "state", "url", "region", "zone", "last_heartbeat_age_s")
+    cols = ("node_id", "state", "url", "region", "zone", "dataplane", "last_heartbeat_age_s")
     print("  ".join(f"{c:<22}" for c in (*cols, "queue")))
     for r in rows:
         print("  ".join(f"{r.get(c)!s:<22}" for c in cols) + f"  {r['load']['queue_depth']}")

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,8 +24,9 @@ from typing import Any
 import yaml
 
 from gazsi_cli.local_ray import LocalRay, tail_lines
+from gazsi_cli.ports import free_port
 from gazsi_cluster.config import Settings, load_settings
-from gazsi_cluster.errors import ConfigError, ServiceUnavailable
+from gazsi_cluster.errors import ConfigError, GazsiError, ServiceUnavailable
 
 __all__ = ["register"]
 
@@ -83,11 +83,6 @@ def _gazsi_command() -> str:
         return str(mine)
     return "gazsi"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _say(msg: str) -> None:
@@ -218,9 +213,10 @@ def _up(args: argparse.Namespace) -> int:
         edges = args.edges or (cuda_device_count() if profile == "gpu" else None)
         serve_config = _serve_config(settings, profile, args.port, args.config, local, edges)
         if local:
-            dashboard = _start_head(head, env, _cpus_needed(serve_config))
+            dashboard, ray_address = _start_head(head, env, _cpus_needed(serve_config))
         else:
             dashboard = os.environ.get("GAZSI_RAY_DASHBOARD", "http://127.0.0.1:8265")
+            ray_address = os.environ["RAY_ADDRESS"]
             _say(f"using the Ray cluster at {os.environ['RAY_ADDRESS']} (its own auth settings: "
                  "RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH as you set them)")
         (settings.data_dir / _STATE).write_text(json.dumps({
@@ -241,14 +237,18 @@ def _up(args: argparse.Namespace) -> int:
         _undo(settings.data_dir, head if local else None)
         raise
     _say(f"up in {time.monotonic() - started:.0f}s")
+    nodes, error = _edge_dataplanes(dict(env, RAY_ADDRESS=ray_address), args.config, head if local else None)
+    for line in _dataplane_lines(nodes, error):
+        _say(line)
     _print_welcome(settings, gateway, admin_key)
     return 0
 
 
-def _start_head(head: LocalRay, env: dict[str, str], cpus_needed: float) -> str:
+def _start_head(head: LocalRay, env: dict[str, str], cpus_needed: float) -> tuple[str, str]:
+    """Start the local head; its dashboard URL (for `serve`) and GCS address (for Ray clients)."""
     head.ensure_token()
     env.update(head.env())
-    gcs_port, dash_port, client_port = _free_port(), _free_port(), _free_port()
+    gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
     _say("starting a local Ray head (token auth, loopback only; takes a few seconds)…")
     # Ray always starts its client server when its deps are installed; a free port instead of the
     # fixed 10001 keeps it off a neighbour's cluster, and the marker env lets `down` find it (it
@@ -258,7 +258,7 @@ def _start_head(head: LocalRay, env: dict[str, str], cpus_needed: float) -> str:
           f"--ray-client-server-port={client_port}", f"--temp-dir={head.temp_dir}",
           f"--num-cpus={max(os.cpu_count() or 1, math.ceil(cpus_needed))}"], env=env,
          hint=f"Ray's logs: {head.temp_dir}/session_latest/logs")
-    return f"http://127.0.0.1:{dash_port}"
+    return f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}"
 
 
 def _undo(data_dir: Path, head: LocalRay | None) -> None:
@@ -318,6 +318,44 @@ def _progress(app: dict[str, Any], gateway_ready: bool) -> str:
         note = " (edges load the model and warm up)"
     gw = "gateway ready" if gateway_ready else "gateway waiting for an edge"
     return f"serve {app.get('status', 'starting')}: {', '.join(parts) or 'starting'}{note}; {gw}"
+
+
+def _edge_dataplanes(env: dict[str, str], config_file: str | None, head: LocalRay | None,
+                     timeout_s: float = 30) -> tuple[list[dict[str, Any]], str]:
+    """The edges the control plane lists (`gazsi nodes --ray --json list`), and the error text when
+    they could not be read. A process of its own, like the `serve` calls: Ray's driver stays out of
+    this one, and a control plane that does not answer costs at most ``timeout_s``."""
+    cmd = [sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning",
+           *(["--config", config_file] if config_file else []), "nodes", "--ray", "--json", "list"]
+    try:
+        proc = _run(cmd, env=env, check=False, timeout_s=timeout_s, head=head)
+    except GazsiError as exc:  # no answer in time, or the head died
+        return [], exc.message.split("\n")[0]
+    except OSError as exc:
+        return [], str(exc)
+    if proc.returncode != 0:
+        return [], tail_lines(proc.stderr or proc.stdout, max_lines=2, max_chars=400) or f"exit {proc.returncode}"
+    start = proc.stdout.find("{")  # the JSON document; anything a library printed before it is not
+    try:
+        rows = json.loads(proc.stdout[start:])["data"] if start >= 0 else None
+    except (ValueError, KeyError, TypeError):
+        rows = None
+    if not isinstance(rows, list):
+        return [], "unreadable `gazsi nodes --ray --json list` output"
+    return [r for r in rows if isinstance(r, dict)], ""
+
+
+def _dataplane_lines(nodes: list[dict[str, Any]], error: str = "") -> list[str]:
+    """One line per edge: its data plane and why (what the node told the control plane when it joined)."""
+    if error or not nodes:
+        return [f"the edges' data planes could not be read: {error or 'the control plane lists no edges'}"]
+    lines = []
+    for node in sorted(nodes, key=lambda n: str(n.get("node_id"))):
+        reason = node.get("dataplane_reason")
+        state = node.get("state")
+        lines.append(f"edge {node.get('node_id')} at {node.get('url')}: data plane {node.get('dataplane', '?')}"
+                     + (f" ({reason})" if reason else "") + (f" [{state}]" if state and state != "healthy" else ""))
+    return lines
 
 
 async def _ensure_admin_key(settings: Settings) -> str | None:

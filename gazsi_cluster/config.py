@@ -22,6 +22,7 @@ __all__ = [
     "AuthConfig",
     "BatcherConfig",
     "CacheConfig",
+    "ClusterClientTLSConfig",
     "ControlPlaneConfig",
     "EdgeConfig",
     "EngineConfig",
@@ -182,6 +183,47 @@ class TLSConfig(_Section):
         return self.certfile is not None
 
 
+class ClusterClientTLSConfig(_Section):
+    """Client side of mTLS inside the cluster (issue 18): what a gateway (``gateway.edge_tls``) or an
+    edge forwarding to a peer (``edge.peer_tls``) uses to dial ``https://`` edges.
+
+    Off unless ``ca_file``, ``certfile`` and ``keyfile`` are all set; then only the cluster CA is
+    trusted for edges and the client certificate is presented, so edges whose ``edge.tls`` has
+    ``client_ca_file`` = that CA and ``require_client_cert`` refuse anything but cluster members.
+    Issue the files with ``gazsi certs create --client gateway`` (the same CA as the edges' server
+    certificates). Off, an ``https://`` edge is verified against the system CAs and no certificate is sent.
+
+    >>> ClusterClientTLSConfig(ca_file="tls/ca.crt", certfile="tls/gateway.crt", keyfile="tls/gateway.key").enabled
+    True
+    """
+
+    ca_file: Path | None = Field(
+        None, description="Cluster CA (PEM): edges' server certificates must chain to it; the only CA trusted "
+        "for https:// edges. Set with certfile and keyfile."
+    )
+    certfile: Path | None = Field(
+        None, description="Client certificate (PEM) signed by the cluster CA, presented to edges "
+        "(`gazsi certs create --client NAME`). Set with ca_file and keyfile."
+    )
+    keyfile: Path | None = Field(None, description="Private key of certfile (PEM). Set with ca_file and certfile.")
+    check_hostname: bool = Field(
+        True, description="Check that an edge's certificate names the address in the routing table; false "
+        "still verifies the chain against ca_file (for certificates that name a node id, not its address)."
+    )
+
+    @model_validator(mode="after")
+    def _together(self) -> ClusterClientTLSConfig:
+        files = {"ca_file": self.ca_file, "certfile": self.certfile, "keyfile": self.keyfile}
+        missing = [name for name, value in files.items() if value is None]
+        if missing and len(missing) < len(files):
+            raise ValueError(f"ca_file, certfile and keyfile must be set together (missing: {', '.join(missing)})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None
+
+
 class EdgeConfig(_Section):
     @field_validator("dataplane", mode="before")
     @classmethod
@@ -203,7 +245,9 @@ class EdgeConfig(_Section):
     admin_port: int | None = Field(
         None, ge=0, le=65535,
         description="fast and gpu data planes: port of the operator app (/readyz, /metrics, /admin, OpenAPI); "
-        "None = port + 1 (any free port when port is 0). The asgi data plane serves them on its own port.",
+        "None = the first free port of port + 1 .. port + 16 (one per Edge replica sharing the data port, as "
+        "Serve places one per GPU in a pod; any free port when port is 0). The asgi data plane serves them on "
+        "its own port.",
     )
     workers: int = Field(
         0, ge=0, le=256,
@@ -221,10 +265,23 @@ class EdgeConfig(_Section):
         1, ge=0, le=256, description="fast front: Rust (rayon) threads each HTTP worker's tokenizer may use "
         "for multi-input requests; 0 = the library default (one per core in every worker).",
     )
+    gpu_queue_capacity: int = Field(
+        4096, ge=1, le=1_000_000, description="gpu data plane: requests waiting for a burst or a free ring slot "
+        "(128 slots); more get 429 at once.",
+    )
+    gpu_slot_wait_s: float = Field(
+        0.5, gt=0, le=60, description="gpu data plane: how long an /inference request may wait for a free ring "
+        "slot before it gets 429 with Retry-After (limits.retry_after_s).",
+    )
     region: str = Field("local", description="Region this point of presence serves.")
     zone: str = Field("local-a", description="Zone inside the region.")
     timing_header: bool = Field(True, description="Honour X-Gazsi-Timing: 1 with a per-stage timing header.")
     tls: TLSConfig = Field(default_factory=TLSConfig, description="HTTPS on the edge listener (issue 9).")
+    peer_tls: ClusterClientTLSConfig = Field(
+        default_factory=ClusterClientTLSConfig,
+        description="mTLS client side of peer forwarding (an edge handing a request to another edge): the "
+        "cluster CA and this edge's client certificate; needed when peers require client certificates.",
+    )
 
 
 class GatewayConfig(_Section):
@@ -234,6 +291,11 @@ class GatewayConfig(_Section):
         description="Direct listener port (SO_REUSEPORT across replicas); 0 = Ray's proxy only.",
     )
     tls: TLSConfig = Field(default_factory=TLSConfig, description="HTTPS on the direct listener (issue 9).")
+    edge_tls: ClusterClientTLSConfig = Field(
+        default_factory=ClusterClientTLSConfig,
+        description="mTLS client side of gateway -> edge traffic (issue 18): the cluster CA and the gateway's "
+        "client certificate, for edges that serve HTTPS and require cluster client certificates.",
+    )
 
 
 class ControlPlaneConfig(_Section):

@@ -118,6 +118,8 @@ class NodeFacts(BaseModel):
     gpu_model: str | None = Field(None, max_length=128)
     gpu_memory_mb: int | None = Field(None, ge=0)
     dataplane: Literal["fast", "asgi", "gpu", "gpunetio"] = "fast"
+    dataplane_reason: str = Field("", max_length=256, description="Why the node runs that data plane (shown by "
+                                  "`gazsi up` and `gazsi nodes`).")
     engine_backend: str = Field(..., max_length=32)
     models: list[str] = Field(..., min_length=1, max_length=64)
     max_batch_size: int = Field(..., ge=1)

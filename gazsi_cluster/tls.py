@@ -1,4 +1,5 @@
-"""Certificates and TLS contexts for the public listeners (edge, gateway) and their clients.
+"""Certificates and TLS contexts for the public listeners (edge, gateway) and their clients,
+including the cluster's own clients (gateway -> edge, edge -> peer: :func:`routing_client_context`).
 
 ``create_deployment_certs`` writes a CA plus server and client certificates (``gazsi certs``);
 ``server_context`` / ``client_context`` build :class:`ssl.SSLContext` objects with TLS 1.2 as
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gazsi_cluster.config import TLSConfig
+from gazsi_cluster.config import ClusterClientTLSConfig, TLSConfig
 from gazsi_cluster.errors import ConfigError
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "cluster_client_context",
     "create_deployment_certs",
     "private_key_pem",
+    "routing_client_context",
     "server_context",
     "utc_now",
     "uvicorn_ssl_options",
@@ -231,13 +233,34 @@ def cluster_client_context(
     return ctx
 
 
+def routing_client_context(cfg: ClusterClientTLSConfig) -> ssl.SSLContext | None:
+    """The context a routing client dials ``https://`` edges with: ``gateway.edge_tls`` on a gateway,
+    ``edge.peer_tls`` on an edge; None when the section is off (aiohttp then verifies against the
+    system CAs and presents nothing). Built at start-up, so a bad file fails there, not per request.
+
+    >>> RoutingClient(table, policy, ssl_context=routing_client_context(settings.gateway.edge_tls))  # doctest: +SKIP
+    """
+    if cfg.ca_file is None or cfg.certfile is None or cfg.keyfile is None:
+        return None
+    return cluster_client_context(cfg.ca_file, cfg.certfile, cfg.keyfile, check_hostname=cfg.check_hostname)
+
+
+def listener_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The server context of a public listener's ``tls`` section; None when TLS is off.
+
+    Built (and so validated) when called, at start-up: a bad file fails there, not at the first handshake.
+    """
+    if tls.certfile is None or tls.keyfile is None:
+        return None
+    return server_context(tls.certfile, tls.keyfile, client_ca=tls.client_ca_file,
+                          require_client_cert=tls.require_client_cert)
+
+
 def uvicorn_ssl_options(tls: TLSConfig) -> dict[str, Any]:
     """uvicorn ``Config`` options serving ``tls`` (empty when TLS is off)."""
-    if tls.certfile is None or tls.keyfile is None:
+    ctx = listener_context(tls)
+    if ctx is None:
         return {}
-    # Build (and so validate) the context now: a bad file fails at start-up, not at the first handshake.
-    ctx = server_context(tls.certfile, tls.keyfile, client_ca=tls.client_ca_file,
-                         require_client_cert=tls.require_client_cert)
 
     def factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return ctx

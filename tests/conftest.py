@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.required import unavailable
 from tests.support.services import ThrowawayPostgres, ThrowawayRedis
 
 
 def _service_missing(what: str, exc: BaseException) -> None:
-    if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{what} is required (GAZSI_REQUIRE_SERVICES=1) but could not start: {exc!r}")
-    pytest.skip(f"{what} unavailable: {exc!r} (pip install -e '.[dev]')")
+    unavailable(f"{what} unavailable: {exc!r} (pip install -e '.[dev]')")
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
 from edge_node.pipeline import EdgePipeline
+from edge_node.transports.base import OpsSource
 from gazsi_cluster import __version__
-from gazsi_cluster.auth import Authorizer
 from gazsi_cluster.auth.admin_api import build_admin_router
 from gazsi_cluster.http.asgi import install_error_handlers, reply_response
 from gazsi_cluster.http.cancellation import run_until_disconnect
@@ -29,25 +29,12 @@ from gazsi_cluster.http.wire import HttpRequest
 from gazsi_cluster.protocol import EmbeddingRequest, EmbeddingResponse, InferenceResponse, ModelList
 
 if TYPE_CHECKING:
-    from edge_node.node import EdgeNode
+    from edge_node.transports.base import TransportHost
     from gazsi_cluster.http.server import RunningServer
 
 __all__ = ["AsgiTransport", "OpsSource", "create_app"]
 
 _METRICS = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class OpsSource(Protocol):
-    """What the operator routes read from the node."""
-
-    authorizer: Authorizer
-
-    def readiness(self) -> dict[str, Any]: ...
-
-    def render_metrics(self) -> bytes: ...
-
-    @property
-    def max_body_bytes(self) -> int: ...
 
 
 def _schema(model: type[Any]) -> dict[str, Any]:
@@ -113,7 +100,7 @@ class AsgiTransport:
 
     name = "asgi"
 
-    def __init__(self, node: EdgeNode) -> None:
+    def __init__(self, node: TransportHost) -> None:
         self.node = node
         self.server: RunningServer | None = None
         self.port = 0

@@ -24,7 +24,7 @@ from gazsi_cluster.auth._redis import connect_redis
 from gazsi_cluster.auth.authorizer import KeyAuthorizer
 from gazsi_cluster.auth.limits import RateLimiter
 from gazsi_cluster.auth.shared_limits import SharedBuckets
-from gazsi_cluster.auth.store import open_store, store_fingerprint
+from gazsi_cluster.auth.store import KeyStore, store_fingerprint
 from gazsi_cluster.config import Settings
 
 __all__ = [
@@ -34,7 +34,23 @@ __all__ = [
     "build_key_admin_parts",
     "create_node_limits",
     "journal_dir",
+    "open_store",
 ]
+
+
+def open_store(database_url: str | None, data_dir: Path) -> KeyStore:
+    """PostgreSQL when ``database_url`` is set, else SQLite at ``<data_dir>/keys.sqlite3``.
+
+    The backends import the contract in :mod:`gazsi_cluster.auth.store`; choosing one lives here, above
+    both, so the contract never imports its implementations.
+    """
+    if database_url:
+        from gazsi_cluster.auth._postgres import PostgresKeyStore
+
+        return PostgresKeyStore(database_url)
+    from gazsi_cluster.auth._sqlite import SqliteKeyStore
+
+    return SqliteKeyStore(Path(data_dir) / "keys.sqlite3")
 
 
 def journal_dir(settings: Settings) -> Path | None:

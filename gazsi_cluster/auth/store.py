@@ -25,7 +25,6 @@ __all__ = [
     "KeyEvent",
     "KeyStore",
     "load_migrations",
-    "open_store",
     "record_from_row",
     "store_fingerprint",
 ]
@@ -183,13 +182,3 @@ def store_fingerprint(database_url: str | None, data_dir: Path) -> str:
     target = database_url or str((Path(data_dir) / "keys.sqlite3").resolve())
     return hashlib.sha256(target.encode()).hexdigest()[:12]
 
-
-def open_store(database_url: str | None, data_dir: Path) -> KeyStore:
-    """PostgreSQL when ``database_url`` is set, else SQLite at ``<data_dir>/keys.sqlite3``."""
-    if database_url:
-        from gazsi_cluster.auth._postgres import PostgresKeyStore
-
-        return PostgresKeyStore(database_url)
-    from gazsi_cluster.auth._sqlite import SqliteKeyStore
-
-    return SqliteKeyStore(Path(data_dir) / "keys.sqlite3")

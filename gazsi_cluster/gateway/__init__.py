@@ -2,5 +2,6 @@
 
 from gazsi_cluster.gateway.app import create_gateway_app
 from gazsi_cluster.gateway.core import Gateway
+from gazsi_cluster.gateway.direct import DirectGateway
 
-__all__ = ["Gateway", "create_gateway_app"]
+__all__ = ["DirectGateway", "Gateway", "create_gateway_app"]

@@ -19,9 +19,9 @@ from starlette.responses import Response
 
 from gazsi_cluster import __version__
 from gazsi_cluster.auth.admin_api import build_admin_router
-from gazsi_cluster.errors import InvalidRequest, UnknownModel
+from gazsi_cluster.errors import UnknownModel
 from gazsi_cluster.gateway.core import Gateway
-from gazsi_cluster.http.asgi import install_error_handlers
+from gazsi_cluster.http.asgi import install_error_handlers, reply_response
 from gazsi_cluster.http.middleware import BodyLimitMiddleware, TimingMiddleware
 from gazsi_cluster.protocol import EmbeddingRequest, EmbeddingResponse, InferenceResponse, ModelList
 from gazsi_cluster.routing import RouteRequest
@@ -61,38 +61,19 @@ def create_gateway_app(
         requests.labels(route, str(status)).inc()
         latency.labels(route).observe(sent_at - received_at)
 
+    app.state.observe = observe  # the direct listener's data routes count here too (gateway/direct.py)
     app.add_middleware(BodyLimitMiddleware, max_bytes=gateway.settings.limits.max_body_bytes)
     app.add_middleware(TimingMiddleware, observer=observe)
 
-    def relay(status: int, headers: dict[str, str], body: bytes) -> Response:
-        media = headers.pop("content-type", "application/json")
-        return Response(body, status_code=status, headers=headers, media_type=media)
-
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, summary="Create embeddings (OpenAI-compatible)")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-        if body.dimensions is not None and body.dimensions < 1:
-            raise InvalidRequest("dimensions must be a positive integer", param="dimensions")
-        table = gateway.table()
-        if table.candidates() and not table.candidates(body.model):
-            # Found by the schemathesis pass (issue 9): a model no edge serves is the client's
-            # mistake (404, as on an edge), not a 503 "no healthy node" inviting retries.
-            raise UnknownModel(f"The model `{body.model}` does not exist.", param="model")
-        raw = await request.body()
-        affinity = raw if gateway.policy.name == "hash" else None
-        return relay(*await gateway.forward(
-            "POST", "/v1/embeddings", headers=request.headers, body=raw, model=body.model, affinity_key=affinity,
-        ))
+        return reply_response(await gateway.embeddings(body, await request.body(), request.headers))
 
     @app.get("/inference", response_model=InferenceResponse, summary="GAZSI inference endpoint")
     async def inference(
         request: Request, d: Annotated[str | None, Query(description="Text to embed")] = None
     ) -> Response:
-        if not d:
-            raise InvalidRequest("query parameter d must hold the text to embed", param="d")
-        affinity = d.encode() if gateway.policy.name == "hash" else None
-        return relay(*await gateway.forward(
-            "GET", "/inference", headers=request.headers, params={"d": d}, affinity_key=affinity,
-        ))
+        return reply_response(await gateway.inference(d, request.headers))
 
     @app.get("/v1/models", response_model=ModelList, summary="Models served by the cluster")
     async def models(authorization: Annotated[str | None, Header()] = None) -> Response:

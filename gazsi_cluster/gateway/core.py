@@ -16,9 +16,13 @@ import httpx
 
 from gazsi_cluster.auth import Authorizer
 from gazsi_cluster.config import Settings
+from gazsi_cluster.errors import InvalidRequest, UnknownModel
+from gazsi_cluster.http.wire import HttpReply
+from gazsi_cluster.protocol import EmbeddingRequest
 from gazsi_cluster.routing import RoutingClient, RoutingMetrics, RoutingTable, make_policy
+from gazsi_cluster.tls import routing_client_context
 
-__all__ = ["FORWARDED_RESPONSE_HEADERS", "Gateway"]
+__all__ = ["FORWARDED_RESPONSE_HEADERS", "Gateway", "relay"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,9 @@ class Gateway:
         self.routing_metrics = RoutingMetrics()
         self.routing = RoutingClient(
             table, self.policy, http=http, hedge=cfg.hedge, metrics=self.routing_metrics,
+            attempts=cfg.retry_attempts, timeout_s=cfg.request_timeout_s, connect_timeout_s=cfg.connect_timeout_s,
+            # The one place gateway.edge_tls is read: mTLS to https:// edges with the cluster CA (issue 18).
+            ssl_context=routing_client_context(settings.gateway.edge_tls),
         )
 
     async def aclose(self) -> None:
@@ -73,6 +80,26 @@ class Gateway:
         out = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
         return resp.status_code, out, resp.content
 
+    async def embeddings(self, body: EmbeddingRequest, raw: bytes, headers: Mapping[str, str]) -> HttpReply:
+        """``POST /v1/embeddings``, validated ``body`` and its ``raw`` bytes: checked here, answered by an edge."""
+        if body.dimensions is not None and body.dimensions < 1:
+            raise InvalidRequest("dimensions must be a positive integer", param="dimensions")
+        table = self.table()
+        if table.candidates() and not table.candidates(body.model):
+            # Found by the schemathesis pass (issue 9): a model no edge serves is the client's
+            # mistake (404, as on an edge), not a 503 "no healthy node" inviting retries.
+            raise UnknownModel(f"The model `{body.model}` does not exist.", param="model")
+        affinity = raw if self.policy.name == "hash" else None
+        return relay(*await self.forward("POST", "/v1/embeddings", headers=headers, body=raw, model=body.model,
+                                         affinity_key=affinity))
+
+    async def inference(self, d: str | None, headers: Mapping[str, str]) -> HttpReply:
+        """GAZSI's ``GET /inference?d=``, answered by an edge."""
+        if not d:
+            raise InvalidRequest("query parameter d must hold the text to embed", param="d")
+        affinity = d.encode() if self.policy.name == "hash" else None
+        return relay(*await self.forward("GET", "/inference", headers=headers, params={"d": d}, affinity_key=affinity))
+
     def models(self) -> list[str]:
         seen: dict[str, None] = {}
         for node in self.table().candidates():
@@ -86,3 +113,15 @@ class Gateway:
         table = self.table()
         return {"edges": len(table.candidates()), "routable_edges": len(self.routing.routable_table()),
                 "table_version": table.version, "policy": self.policy.name}
+
+
+def relay(status: int, headers: dict[str, str], body: bytes) -> HttpReply:
+    """An edge's answer as a reply (header names as the edge's client spelled them: compared lower-case)."""
+    content_type = "application/json"
+    extra = []
+    for name, value in headers.items():
+        if name.lower() == "content-type":
+            content_type = value
+        else:
+            extra.append((name, value))
+    return HttpReply(status, body, extra, content_type=content_type)

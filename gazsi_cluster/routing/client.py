@@ -189,6 +189,38 @@ class RoutingClient:
         finally:
             self.policy.on_finish(node.node_id, elapsed, ok)
 
+    def _failed(self, failed: _Failed) -> None:
+        self._down[failed.node.node_id] = time.monotonic() + self.quarantine_s
+        log.info("node %s failed (%s); trying another", failed.node.node_id, failed.reason)
+        if self.metrics is not None:
+            self.metrics.failures.labels(failed.reason.split(":")[0]).inc()
+
+    async def _in_turn(self, method: str, path: str, req: RouteRequest, kwargs: Mapping[str, Any]) -> Response:
+        """Without hedging: one attempt at a time, awaited in this task (no task and ``wait`` per request,
+        ~12 % of a direct gateway's CPU), the same failover rules as :meth:`request`."""
+        tried = set(req.exclude)
+        launched = 0
+        last: _Failed | None = None
+        while True:
+            try:
+                node = self.pick(RouteRequest(req.model, req.key, req.region, req.zone, frozenset(tried)))
+            except NoHealthyNode:
+                if not launched:
+                    raise NoHealthyNode("no healthy node is available", retry_after=1.0, model=req.model) from None
+                break
+            tried.add(node.node_id)
+            if launched and self.metrics is not None:
+                self.metrics.retries.inc()
+            launched += 1
+            try:
+                return await self._attempt(node, method, path, kwargs)
+            except _Failed as failed:
+                last = failed
+                self._failed(failed)
+            if not (launched < self.attempts and self.budget.try_spend()):
+                break
+        return self._last_answer(last, launched, req.model)
+
     async def request(
         self,
         method: str,
@@ -207,6 +239,9 @@ class RoutingClient:
         answered 503/overloaded; raises :class:`NoHealthyNode` when no node could be reached.
         """
         self.budget.deposit()
+        if not self.hedge:
+            return await self._in_turn(method, path, RouteRequest(model, key, region, zone, frozenset(exclude)),
+                                       kwargs)
         tried: set[str] = set(exclude)
         tasks: dict[asyncio.Task[Response], NodeEntry] = {}
         launched = 0
@@ -241,10 +276,7 @@ class RoutingClient:
                         return task.result()
                     except _Failed as failed:
                         last = failed
-                        self._down[failed.node.node_id] = time.monotonic() + self.quarantine_s
-                        log.info("node %s failed (%s); trying another", failed.node.node_id, failed.reason)
-                        if self.metrics is not None:
-                            self.metrics.failures.labels(failed.reason.split(":")[0]).inc()
+                        self._failed(failed)
                         retried = not tasks and launched < self.attempts and self.budget.try_spend() and launch()
                         if retried and self.metrics is not None:
                             self.metrics.retries.inc()
@@ -254,6 +286,11 @@ class RoutingClient:
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
+        return self._last_answer(last, launched, model)
+
+    @staticmethod
+    def _last_answer(last: _Failed | None, launched: int, model: str | None) -> Response:
+        """After every attempt failed: the last node's error response, or NoHealthyNode when none answered."""
         if last is not None and last.response is not None:
             return last.response
         # The reason names the node's address: it goes to the log and context, never to the client (issue 9).

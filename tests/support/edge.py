@@ -55,7 +55,8 @@ class EdgeProcess:
     """``gazsi edge serve`` as users run it, in a subprocess; ``url`` and ``admin`` parsed from its output."""
 
     def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None, ready_path: str = "/readyz",
-                 limit_s: float = 180.0) -> None:
+                 limit_s: float = 180.0, command: list[str] | None = None) -> None:
+        """``command`` replaces ``gazsi edge serve`` (it gets the same ``--data-dir``, ``--port`` and ``args``)."""
         import os
         import re
         import subprocess
@@ -64,8 +65,8 @@ class EdgeProcess:
 
         import httpx
 
-        cmd = [sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", "edge", "serve",
-               "--data-dir", str(data_dir), "--port", "0", *args]
+        prefix = command or [sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", "edge", "serve"]
+        cmd = [*prefix, "--data-dir", str(data_dir), "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "GAZSI_ENGINE__ONNX_THREADS": "1", **(env or {})})
         assert self.proc.stdout is not None

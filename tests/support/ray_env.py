@@ -14,7 +14,7 @@ import secrets
 import tempfile
 from pathlib import Path
 
-__all__ = ["fresh_home_env", "use_token_auth"]
+__all__ = ["fresh_home_env", "require_own_home", "use_token_auth"]
 
 
 def fresh_home_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -28,6 +28,18 @@ def fresh_home_env(base: dict[str, str] | None = None) -> dict[str, str]:
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         env.pop(name, None)
     return env
+
+
+def require_own_home() -> None:
+    """Refuse to go on in the user's HOME: code that starts or joins Ray calls this first.
+
+    A process started with :func:`fresh_home_env` carries ``GAZSI_TEST_OWN_HOME=1``; anything else
+    (a scenario script run by hand, an inner test selected without its wrapper) stops here instead of
+    writing a token into the user's ``~/.ray``.
+    """
+    if os.environ.get("GAZSI_TEST_OWN_HOME") != "1":
+        raise RuntimeError("this runs Ray and needs a HOME of its own: start it through its test "
+                           "(tests/support/ray_env.py fresh_home_env), not in the user's HOME")
 
 
 def use_token_auth(directory: Path) -> dict[str, str]:

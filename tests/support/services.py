@@ -9,20 +9,15 @@ Both are in the ``dev`` extra.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from gazsi_cli.ports import free_port
+
 __all__ = ["ThrowawayPostgres", "ThrowawayRedis", "free_port"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ThrowawayRedis:

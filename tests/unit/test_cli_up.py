@@ -62,3 +62,52 @@ def test_printed_examples_expand_the_key_from_the_environment(tmp_path: Path, ca
     assert 'api_key=os.environ["GAZSI_API_KEY"]' in out
     assert ("export GAZSI_API_KEY=gz_test_abc" in out) is first_run
     assert "stop it with: " in out and "down" in out
+
+
+def test_one_line_per_edge_says_its_data_plane_and_why() -> None:
+    nodes = [
+        {"node_id": "edge-b", "url": "http://127.0.0.1:9001", "state": "suspect", "dataplane": "asgi",
+         "dataplane_reason": "requested asgi"},
+        {"node_id": "edge-a", "url": "http://127.0.0.1:9000", "state": "healthy", "dataplane": "fast",
+         "dataplane_reason": "auto: fast front, because no CUDA GPU — 6 HTTP workers"},
+        {"node_id": "edge-c", "url": "http://127.0.0.1:9002", "state": "healthy", "dataplane": "fast"},  # older edge
+    ]
+    assert up._dataplane_lines(nodes) == [
+        "edge edge-a at http://127.0.0.1:9000: data plane fast (auto: fast front, because no CUDA GPU — 6 HTTP workers)",
+        "edge edge-b at http://127.0.0.1:9001: data plane asgi (requested asgi) [suspect]",
+        "edge edge-c at http://127.0.0.1:9002: data plane fast",
+    ]
+    assert up._dataplane_lines([], "timed out") == ["the edges' data planes could not be read: timed out"]
+    assert up._dataplane_lines([]) == ["the edges' data planes could not be read: the control plane lists no edges"]
+
+
+def _answers(monkeypatch: pytest.MonkeyPatch, result: subprocess.CompletedProcess[str] | Exception) -> list[list[str]]:
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **_kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(up, "_run", fake_run)
+    return calls
+
+
+def test_the_data_planes_come_from_the_control_plane_and_a_failure_is_only_reported(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gazsi_cluster.errors import ServiceUnavailable
+
+    listing = '{"data": [{"node_id": "e1", "url": "http://127.0.0.1:1", "dataplane": "fast"}]}'
+    calls = _answers(monkeypatch, subprocess.CompletedProcess([], 0, "some library said hi\n" + listing, ""))
+    assert up._edge_dataplanes({}, "cfg.yaml", None) == ([{"node_id": "e1", "url": "http://127.0.0.1:1",
+                                                           "dataplane": "fast"}], "")
+    assert calls[0][-6:] == ["--config", "cfg.yaml", "nodes", "--ray", "--json", "list"]
+    _answers(monkeypatch, subprocess.CompletedProcess([], 2, "", "gazsi: error: no control plane actor\n"))
+    assert up._edge_dataplanes({}, None, None) == ([], "gazsi: error: no control plane actor")
+    _answers(monkeypatch, subprocess.CompletedProcess([], 0, "not json", ""))
+    assert up._edge_dataplanes({}, None, None)[1] == "unreadable `gazsi nodes --ray --json list` output"
+    _answers(monkeypatch, ServiceUnavailable("`python -m gazsi_cli.main …` did not finish in 30s.\nmore"))
+    assert up._edge_dataplanes({}, None, None) == ([], "`python -m gazsi_cli.main …` did not finish in 30s.")
+    _answers(monkeypatch, FileNotFoundError("no python"))
+    assert up._edge_dataplanes({}, None, None) == ([], "no python")

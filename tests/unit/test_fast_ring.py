@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -150,6 +151,57 @@ async def test_deadline_gives_504_cancels_the_slot_and_reclaims_it_when_answered
     (slot,) = await _engine_once(emb, ring, req_fd)
     assert ring.deadline[slot] == 0.0  # ...and was told to drop it (the batcher skips expired slots)
     assert len(emb._free) == LAYOUT.slots_per_worker
+
+
+async def test_slots_filled_in_one_loop_turn_go_to_the_node_in_one_write(ring: SlotRing, monkeypatch) -> None:
+    ring.set_state(ENGINE_UP, generation=1)
+    emb, req_fd = _embedder(ring)
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting(fd: int, data: bytes) -> int:
+        if fd == emb.req_fd:
+            writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting)
+    n = LAYOUT.slots_per_worker
+    tasks = [asyncio.create_task(emb.embed(_seqs(2), Timing())) for _ in range(n)]
+    await asyncio.sleep(0.01)
+    data = os.read(req_fd, 4096)
+    assert len(unpack_indices(data)) == n
+    assert writes == [4 * n]  # one write: one wake-up of the node, not one per request
+    for slot in unpack_indices(data):
+        ring.write_result(slot, np.ones((1, 8), np.float32) / np.sqrt(8), n, 10, None)
+    emb.on_responses(data)
+    assert [(await t).batch_size for t in tasks] == [n] * n
+    assert len(emb._free) == LAYOUT.slots_per_worker
+
+
+async def test_a_failed_write_is_503_and_frees_the_slot(ring: SlotRing) -> None:
+    ring.set_state(ENGINE_UP, generation=1)
+    r, w = os.pipe()
+    os.close(r)  # the node's end is gone: the write fails with EPIPE
+    emb = RingEmbedder(ring, 0, w, 2.0)
+    with pytest.raises(ServiceUnavailable, match="restarting"):
+        await emb.embed(_seqs(2), Timing())
+    assert len(emb._free) == LAYOUT.slots_per_worker and sorted(set(emb._free)) == sorted(emb._free)
+    os.close(w)
+
+
+async def test_the_deadline_sweep_runs_only_while_requests_are_in_flight(ring: SlotRing) -> None:
+    ring.set_state(ENGINE_UP, generation=1)
+    emb, req_fd = _embedder(ring, timeout_s=0.2)  # swept every 10 ms
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match=r"0\.2s request deadline"):
+        await emb.embed(_seqs(2), Timing())
+    assert 0.2 <= time.monotonic() - start < 0.2 + 0.5
+    await _engine_once(emb, ring, req_fd)
+    await asyncio.sleep(0.05)
+    assert emb._sweeper is None  # nothing in flight: no timer left running
+    task = asyncio.create_task(emb.embed(_seqs(2), Timing()))
+    await _engine_once(emb, ring, req_fd)
+    assert (await task).vectors.shape == (1, 8)  # answered in time: the sweep left it alone
 
 
 async def test_a_failed_slot_raises_the_error_the_node_wrote(ring: SlotRing) -> None:

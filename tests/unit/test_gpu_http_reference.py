@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from edge_node.transports.gpu import _layout as L
-from edge_node.transports.gpu._compare import normalise, row_to_parsed
 from edge_node.transports.gpu._reference import decode_d, parse_reference
+from tests.support.gpu_compare import normalise, row_to_parsed
 from tests.support.http_fuzz import MUTATIONS, fuzz_requests
+from tests.support.required import unavailable
 
 pytestmark = pytest.mark.unit
 
@@ -106,7 +107,7 @@ def test_accepted_requests_agree_with_h11() -> None:
 def host_parser(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        pytest.skip("no C compiler to build the kernel helpers for the host")
+        unavailable("no C compiler (gcc/cc) to build the GPU kernels' parsing helpers for the host")
     src = Path(__file__).with_name("gz_host_harness.c")
     lib = tmp_path_factory.mktemp("gz") / "gzhost.so"
     subprocess.run([cc, "-x", "c", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-o", str(lib), str(src)],

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from edge_node.transports.gpu import _layout as L
-from edge_node.transports.gpu.ring import EmulatedGpuSide, HostRing, RingStateError
+from edge_node.transports.gpu.ring import HostRing, RingStateError
+from tests.support.gpu_ring import EmulatedGpuSide
 
 pytestmark = pytest.mark.unit
 

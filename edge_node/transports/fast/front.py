@@ -1,7 +1,7 @@
 """The fast front, node side: the ring, the slot batcher on the engine, and N HTTP worker processes.
 
 The node process owns the engine. It creates the shared-memory ring and the pipes, starts the workers
-as fresh interpreters (``python -m edge_node.transports.fast.worker``: never forked, so nothing of a
+as fresh interpreters (``python -m <worker_module>``, named by the node: never forked, so nothing of a
 Ray worker's or CUDA's state leaks into them) and hands each one its settings and file descriptors.
 Each worker builds the same :class:`~edge_node.node.EdgeNode` in its worker role and serves the data
 port with SO_REUSEPORT. The node serves the operator app on ``edge.admin_port``, restarts a worker
@@ -17,11 +17,9 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -42,7 +40,8 @@ from gazsi_cluster.errors import ConfigError, ServiceUnavailable
 from gazsi_cluster.http.listener import bind_socket
 
 if TYPE_CHECKING:
-    from edge_node.node import EdgeNode
+    from edge_node.metrics import RequestMetrics
+    from edge_node.transports.base import TransportHost
 
 __all__ = ["FastTransport", "default_workers"]
 
@@ -80,8 +79,9 @@ class FastTransport:
 
     name = "fast"
 
-    def __init__(self, node: EdgeNode) -> None:
+    def __init__(self, node: TransportHost, *, worker_module: str) -> None:
         self.node = node
+        self.worker_module = worker_module  # ``python -m`` this in each worker (the node's own entry point)
         edge = node.settings.edge
         self.workers = [_Worker(i) for i in range(edge.workers or default_workers())]
         self.layout = RingLayout(len(self.workers), edge.ring_slots_per_worker, edge.ring_slot_inputs,
@@ -89,7 +89,7 @@ class FastTransport:
         self.ring: SlotRing | None = None
         self.batcher: SlotBatcher | None = None
         self.port = 0
-        self.metrics_dir = ""
+        self.worker_metrics: list[RequestMetrics] = []  # each worker's cells in the ring (the node sums them)
         self._holder: Any = None
         self._req_r = self._req_w = self._status_r = self._status_w = -1
         self._status = MessageReader()
@@ -111,7 +111,7 @@ class FastTransport:
         self._status_r, self._status_w = os.pipe()
         os.set_blocking(self._status_r, False)
         asyncio.get_running_loop().add_reader(self._status_r, self._on_status)
-        self.metrics_dir = tempfile.mkdtemp(prefix="gazsi-metrics-")
+        self.worker_metrics = [self.ring.worker_metrics(w.index) for w in self.workers]
         for worker in self.workers:
             self._spawn(worker)
         try:
@@ -130,7 +130,7 @@ class FastTransport:
     def _spawn(self, worker: _Worker) -> None:
         assert self.ring is not None
         node, edge = self.node, self.node.settings.edge
-        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
+        env = dict(os.environ)
         threads = edge.worker_tokenizer_threads
         if threads > 0:
             # Before the tokenizer's first parallel call builds rayon's pool: N workers x one rayon
@@ -147,7 +147,7 @@ class FastTransport:
             "node_id": node.node_id,
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_node.transports.fast.worker"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", self.worker_module], stdin=subprocess.PIPE,
             pass_fds=(self._req_w, worker.resp_r, worker.ctrl_r, self._status_w), env=env, close_fds=True,
         )
         assert proc.stdin is not None
@@ -201,7 +201,6 @@ class FastTransport:
                     continue
                 log.error("fast front worker %d (pid %d) exited with %s; restarting it",
                           worker.index, proc.pid, proc.returncode)
-                self._mark_dead(proc.pid)
                 if self.batcher is not None:
                     await asyncio.to_thread(self.batcher.forget_worker, worker.index)
                 worker.restarts += 1
@@ -211,12 +210,6 @@ class FastTransport:
             if table is not None and table.version != self._table_version:
                 self._table_version = table.version
                 self.broadcast({"op": "table", "table": table.to_dict(), "self": self.node.node_id})
-
-    def _mark_dead(self, pid: int) -> None:
-        from prometheus_client import multiprocess
-
-        with contextlib.suppress(Exception):
-            multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Drain: workers stop accepting and finish what they hold (bounded), then everything goes."""
@@ -254,11 +247,11 @@ class FastTransport:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if ring is not None:
+            self.worker_metrics = []
             ring.close()
             self.ring = None
         if self._holder is not None:
             self._holder.close()
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     # -- run-time changes ----------------------------------------------------------------
     def _settings_message(self) -> dict[str, Any]:

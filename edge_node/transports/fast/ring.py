@@ -2,10 +2,12 @@
 
 One ``multiprocessing.shared_memory`` block holds a small header and fixed slots. Worker ``w``
 owns slots ``[w*S, (w+1)*S)`` outright, so no cross-process allocation lock exists: a worker
-fills a free slot, then writes the slot's index (4 bytes, atomic below PIPE_BUF) into the engine's
-request pipe; the engine writes results into the same slot and the index back into that worker's
-response pipe. Pipes are the wakeup (the reader sleeps in epoll, no spinning) and carry only
-indices; token ids and vectors never leave shared memory.
+fills free slots, then writes their indices (4 bytes each, one write per loop turn, atomic below
+PIPE_BUF) into the engine's request pipe; the engine writes results into the same slot and the index
+back into that worker's response pipe. Pipes are the wakeup (the reader sleeps in epoll, no spinning) and carry only
+indices; token ids and vectors never leave shared memory. Each worker also keeps its request metrics
+(:class:`edge_node.metrics.RequestMetrics` cells) in a stats block of its own here, which the node sums
+at scrape time.
 
 A slot carries the generation of the engine it was sent to, so a batcher never serves an index left in
 the pipe for an earlier one.
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
+
+from edge_node.metrics import RequestMetrics
 
 __all__ = [
     "DOWN_MARKER",
@@ -112,6 +116,7 @@ class RingLayout:
             "lengths": n * self.slot_inputs * 4,
             "tokens": n * self.slot_tokens * 4,
             "vectors": n * self.slot_inputs * self.dimensions * 4,
+            "stats": self.workers * self.stats_stride,
         }
         out, pos = {}, 0
         for name, size in sizes.items():
@@ -120,8 +125,13 @@ class RingLayout:
         return out
 
     @property
+    def stats_stride(self) -> int:
+        """Bytes of one worker's stats block (64-byte aligned)."""
+        return (RequestMetrics.NBYTES + 63) // 64 * 64
+
+    @property
     def nbytes(self) -> int:
-        off, size = self.offsets()["vectors"]
+        off, size = self.offsets()["stats"]
         return off + size
 
     def worker_of(self, slot: int) -> int:
@@ -149,6 +159,8 @@ class SlotRing:
         self.lengths = view("lengths", np.int32, (n, k))
         self.tokens = view("tokens", np.int32, (n, t))
         self.vectors = view("vectors", np.float32, (n, k, d))
+        self._stats_offset = off["stats"][0]
+        self._metrics: list[RequestMetrics] = []
 
     @classmethod
     def create(cls, layout: RingLayout) -> SlotRing:
@@ -165,8 +177,20 @@ class SlotRing:
     def name(self) -> str:
         return self.shm.name
 
+    def worker_metrics(self, worker: int) -> RequestMetrics:
+        """Worker ``worker``'s request metrics, in this block (the worker writes them, the node sums them)."""
+        buf = self.shm.buf
+        assert buf is not None
+        o = self._stats_offset + worker * self.layout.stats_stride
+        metrics = RequestMetrics(buf[o:o + RequestMetrics.NBYTES])
+        self._metrics.append(metrics)
+        return metrics
+
     def close(self) -> None:
-        # Drop the numpy views first: an exported buffer cannot be closed.
+        # Drop the numpy views and metrics cells first: an exported buffer cannot be closed.
+        for metrics in self._metrics:
+            metrics.release()
+        self._metrics.clear()
         for attr in ("header", "meta", "deadline", "msg", "lengths", "tokens", "vectors"):
             setattr(self, attr, None)
         with contextlib.suppress(BufferError):  # a caller still holds a view; the mapping goes with the process

@@ -1,22 +1,18 @@
-"""The fast front, worker side: one HTTP worker process (``python -m edge_node.transports.fast.worker``).
+"""The fast front, worker side: the transport of one HTTP worker process.
 
 The node process writes a handoff (its settings, the ring's name and layout, this worker's pipe
-descriptors) to the worker's stdin. The worker builds the node's :class:`~edge_node.node.EdgeNode` in
-its worker role, whose transport is :class:`WorkerTransport`: an :class:`~gazsi_cluster.http.listener.HttpListener`
-on the shared SO_REUSEPORT port (with the node's TLS and listener limits), embedding through the ring.
-SIGTERM drains: stop accepting, finish what is in flight (bounded), exit.
+descriptors) to the worker's stdin. The worker process (:mod:`edge_node.worker_process`) builds the
+node's :class:`~edge_node.node.EdgeNode` in its worker role, whose transport is :class:`WorkerTransport`:
+an :class:`~gazsi_cluster.http.listener.HttpListener` on the shared SO_REUSEPORT port (with the node's
+TLS and listener limits), embedding through the ring.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import json
 import logging
 import os
-import signal
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,13 +24,11 @@ from gazsi_cluster.http.listener import HttpListener, bind_socket
 from gazsi_cluster.routing.table import RoutingTable
 
 if TYPE_CHECKING:
-    from edge_node.node import EdgeNode
+    from edge_node.transports.base import TransportHost
 
-__all__ = ["WorkerHandoff", "WorkerTransport", "main"]
+__all__ = ["WorkerHandoff", "WorkerTransport"]
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +59,10 @@ class WorkerTransport:
 
     name = "fast-worker"
 
-    def __init__(self, node: EdgeNode, handoff: WorkerHandoff) -> None:
+    def __init__(self, node: TransportHost, handoff: WorkerHandoff) -> None:
         self.node, self.handoff = node, handoff
         self.ring = SlotRing.attach(handoff.layout, handoff.ring)
+        self.metrics = self.ring.worker_metrics(handoff.worker)
         self.embedder = RingEmbedder(self.ring, handoff.worker, handoff.req_fd,
                                      node.settings.batcher.request_timeout_s)
         self.listener: HttpListener | None = None
@@ -78,7 +73,7 @@ class WorkerTransport:
         self._control = MessageReader()
 
     async def start(self) -> None:
-        from gazsi_cluster.tls import server_context
+        from gazsi_cluster.tls import listener_context
 
         node, h = self.node, self.handoff
         loop = asyncio.get_running_loop()
@@ -86,11 +81,7 @@ class WorkerTransport:
             os.set_blocking(fd, False)
         loop.add_reader(h.resp_fd, self._on_responses)
         loop.add_reader(h.ctrl_fd, self._on_control)
-        tls = node.settings.edge.tls
-        ctx = None
-        if tls.certfile is not None and tls.keyfile is not None:
-            ctx = server_context(tls.certfile, tls.keyfile, client_ca=tls.client_ca_file,
-                                 require_client_cert=tls.require_client_cert)
+        ctx = listener_context(node.settings.edge.tls)
         assert node.pipeline is not None
         pipeline = node.pipeline
         self.listener = HttpListener(pipeline.handle, self._per_worker(node.settings.limits), ssl_context=ctx,
@@ -167,43 +158,3 @@ class WorkerTransport:
         except Exception:
             return False
         return True
-
-
-def _die_with_parent(parent: int) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: orphans possible after kill -9 of the node
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the node died before prctl took effect
-        os._exit(1)
-
-
-async def _serve(handoff_json: dict[str, Any]) -> None:
-    from edge_node.node import EdgeNode
-    from gazsi_cluster.config import settings_from_dump
-
-    settings = settings_from_dump(handoff_json["settings"])
-    handoff = WorkerHandoff.from_json(handoff_json)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with EdgeNode(settings, worker=handoff):
-        await stop.wait()
-
-
-def main() -> int:
-    """Entry point of a worker process (started by :class:`~edge_node.transports.fast.front.FastTransport`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the node decides
-    handoff = json.loads(sys.stdin.read())
-    _die_with_parent(int(handoff["parent"]))
-    level = str(handoff["settings"].get("log_level", "info")).upper()
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s worker-{handoff['worker']} %(name)s: %(message)s")
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_serve(handoff))
-    else:
-        uvloop.run(_serve(handoff))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,32 +2,54 @@
 
 This is the packet source used where there is no DOCA GPUNetIO receive queue (every machine
 here). The CPU only frames: it finds the end of a head (``\\r\\n\\r\\n``) and never parses it; the
-GPU parse kernel does that. Rules, kept consistent with the kernel's statuses:
+GPU parse kernel does that, and what the kernels do not answer the data plane parses on the CPU.
+The feed applies the node's listener limits (``LimitsConfig``, through :meth:`FeedLimits.from_config`)
+as :class:`gazsi_cluster.http.listener.HttpListener` does on the other transports, with the same
+refusals (one error mapping, one renderer):
 
-* One request per connection at a time: the next head is cut only after the previous response
-  was written, so pipelined requests are answered in order and buffers stay bounded.
-* A head is at most ``REQ_STRIDE`` bytes. With no terminator by then the bytes go to the kernel
-  anyway, which answers 431, and the connection closes (it cannot be resynchronised).
-* A request body (``Content-Length`` that the kernel reported) is skipped, never buffered.
-* More than ``max_buffer`` bytes waiting (a client pipelining far ahead) pauses reading.
-* A partial head older than ``header_timeout_s`` (slow client) or an idle keep-alive connection
-  older than ``keepalive_timeout_s`` is closed, as uvicorn does on the socket path.
+* more than ``max_connections_per_client`` open connections from one address -> 429, close;
+* a head not complete ``header_timeout_s`` after the connection opened or the head's first byte
+  arrived (slowloris) -> 408, close;
+* no terminator within ``max_head`` bytes (the configured ``max_header_bytes`` plus the request line's
+  method and version, which the listener does not count) -> 431, close (what follows cannot be framed);
+* an idle keep-alive connection closes after ``keepalive_timeout_s``;
+* a request body the data plane reads (:meth:`FeedConnection.read_body`) that goes silent for
+  ``body_timeout_s`` -> close.
+
+Pipelining is bounded by construction: one request per connection is in service at a time (the next
+head is cut only after the previous response was written, so answers go out in order), no next head is
+cut while the client leaves its answers unread (the transport's write buffer is full), and more than
+``max_buffer`` bytes waiting pauses reading, so TCP pushes back on a client pipelining far ahead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
+
+from gazsi_cluster.errors import GazsiError, HeadersTooLarge, RequestTimeout, TooManyConnections
+from gazsi_cluster.http.errors import error_reply
+from gazsi_cluster.http.wire import render
 
 from . import _layout as L
+
+if TYPE_CHECKING:
+    from gazsi_cluster.config import LimitsConfig
 
 __all__ = ["FeedConnection", "FeedLimits", "HeadFramer", "HeadSink"]
 
 _TERM = b"\r\n\r\n"
+# A CR or LF that is not part of a CRLF: no terminator will make this head valid.
+_BARE = re.compile(rb"\r(?=[^\n])|(?<!\r)\n")
+# The listener counts the target and the header fields (name + value + 4 each), not the method and the
+# version around the target: a head may run this much past max_header_bytes and still be within it.
+_REQUEST_LINE_SLACK = 64
 
 
 class HeadFramer:
@@ -63,12 +85,27 @@ class HeadFramer:
         del self._buf[:cut]
         self._skip += n - cut
 
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` buffered bytes (a request body being read), removed from the buffer."""
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
     def next_head(self) -> tuple[bytes, bool] | None:
-        """``(head, oversized)`` or None while incomplete. An oversized head has no terminator."""
+        """``(head, oversized)`` or None while incomplete. An oversized head has no terminator.
+
+        A bare CR or LF before any terminator hands on what came up to it (no parser accepts it: 400
+        at once, as the CPU listeners answer, instead of a wait for a terminator that may never come).
+        """
         end = self._buf.find(_TERM, 0, self.max_head)
         if end >= 0:
             head = bytes(self._buf[: end + 4])
             del self._buf[: end + 4]
+            return head, False
+        bare = _BARE.search(self._buf, 0, self.max_head)
+        if bare is not None:
+            head = bytes(self._buf[: bare.end()])
+            del self._buf[: bare.end()]
             return head, False
         if len(self._buf) >= self.max_head:
             head = bytes(self._buf[: self.max_head])
@@ -79,9 +116,30 @@ class HeadFramer:
 
 @dataclass(frozen=True, slots=True)
 class FeedLimits:
+    """The listener limits as the feed applies them; :meth:`from_config` maps the node's ``LimitsConfig``."""
+
+    max_head: int = L.REQ_STRIDE
     max_buffer: int = 2 * L.REQ_STRIDE
+    max_header_bytes: int = L.REQ_STRIDE
+    max_headers: int = L.MAX_HEADERS
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0
+    max_connections_per_client: int = 0
+
+    @classmethod
+    def from_config(cls, limits: LimitsConfig) -> FeedLimits:
+        """The feed's limits for ``limits`` (``settings.limits``), the ones every other listener applies."""
+        max_head = limits.max_header_bytes + _REQUEST_LINE_SLACK
+        return cls(max_head=max_head, max_buffer=2 * max_head, max_header_bytes=limits.max_header_bytes,
+                   max_headers=limits.max_headers, header_timeout_s=limits.header_timeout_s,
+                   keepalive_timeout_s=limits.keep_alive_timeout_s, body_timeout_s=limits.body_timeout_s,
+                   max_connections_per_client=limits.max_connections_per_client)
+
+    def headers_too_large(self) -> HeadersTooLarge:
+        """The 431 every listener sends (the same message as :class:`~gazsi_cluster.http.listener.HttpListener`)."""
+        return HeadersTooLarge(f"request headers exceed the limit ({self.max_headers} fields, "
+                               f"{self.max_header_bytes} bytes)")
 
 
 class HeadSink(Protocol):
@@ -89,20 +147,31 @@ class HeadSink(Protocol):
 
 
 class FeedConnection(asyncio.Protocol):
-    """One client connection of the host socket feed."""
+    """One client connection of the host socket feed. ``per_client`` is the listener's open-connection count."""
 
-    def __init__(self, sink: HeadSink, limits: FeedLimits | None = None) -> None:
+    def __init__(self, sink: HeadSink, limits: FeedLimits | None = None,
+                 per_client: collections.Counter[str] | None = None) -> None:
         self.sink = sink
         self.limits = limits or FeedLimits()
-        self.framer = HeadFramer()
+        self.per_client = per_client
+        self.framer = HeadFramer(self.limits.max_head)
         self.transport: asyncio.Transport | None = None
+        self.client: str | None = None
         self.busy = False  # a request of this connection is being served
         self.closed = False
+        self.draining = False  # the data plane is stopping: close once the request in service is answered
         self.task: asyncio.Task[None] | None = None  # its CPU work, cancelled if the client leaves
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self._counted = False
         self._paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
-        self._close_after_write = False
+        self._body = bytearray()
+        self._body_keep = True
+        self._body_got = 0
+        self._body_need = 0
+        self._body_fut: asyncio.Future[bytes] | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,10 +181,25 @@ class FeedConnection(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._arm(self.limits.keepalive_timeout_s)
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) and peer else None
+        cap = self.limits.max_connections_per_client
+        if self.client is not None and cap and self.per_client is not None:
+            if self.per_client[self.client] >= cap:
+                self.reject(TooManyConnections(f"too many open connections from your address (limit {cap})",
+                                               retry_after=1))
+                return
+            self.per_client[self.client] += 1
+            self._counted = True
+        # The first head must arrive in time even if the client sends nothing at all.
+        self._arm(self.limits.header_timeout_s, "header")
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         self.framer.feed(data)
+        if self._body_fut is not None:
+            self._pump_body()
         if self.framer.buffered > self.limits.max_buffer and not self._paused and self.transport is not None:
             self.transport.pause_reading()  # the client is far ahead of us: TCP pushes back
             self._paused = True
@@ -124,24 +208,54 @@ class FeedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._disarm()
+        self.writable.set()
+        if self._counted and self.client is not None and self.per_client is not None:
+            self._counted = False
+            self.per_client[self.client] -= 1
+            if self.per_client[self.client] <= 0:
+                del self.per_client[self.client]
+        if self._body_fut is not None and not self._body_fut.done():
+            self._body_fut.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()  # a disconnect cancels the work (the batcher drops it)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+        self._next()  # the client read its answers: serve the next head it pipelined
 
     # -- called by the data plane ---------------------------------------------------------
     def skip_body(self, n: int) -> None:
         if n > 0:
             self.framer.skip(n)
 
+    def read_body(self, n: int, *, keep: bool = True) -> asyncio.Future[bytes]:
+        """The next ``n`` bytes of the stream (the body of the request in service), buffered or to come.
+
+        ``keep=False`` reads them without holding them (a body refused as too large): the result is ``b""``.
+        """
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._body, self._body_keep, self._body_got, self._body_need = bytearray(), keep, 0, n
+        self._body_fut = fut
+        self._pump_body()
+        return fut
+
+    def write(self, data: bytes) -> None:
+        """Part of a response (``100 Continue``, a chunk of a streamed body)."""
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
     def respond(self, data: bytes, keep_alive: bool) -> None:
-        """Write a complete response; then either close or go on with the next head."""
+        """Write a complete response (or its last part); then either close or go on with the next head."""
         self.task = None
         if self.closed or self.transport is None:
             return
         self.transport.write(data)
         self.busy = False
-        if not keep_alive or self._close_after_write:
-            self.transport.close()
-            self.closed = True
+        if not keep_alive or self.draining:
+            self.close()
             return
         if self._paused and self.framer.buffered <= self.limits.max_buffer:
             self.transport.resume_reading()
@@ -149,25 +263,75 @@ class FeedConnection(asyncio.Protocol):
         self._arm(self.limits.keepalive_timeout_s)
         self._next()
 
+    def close(self) -> None:
+        """Close now (what was written still goes out)."""
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+        self.closed = True
+        self._disarm()
+
+    def drain(self) -> None:
+        """Graceful stop: an idle connection closes now, one being served after its answer."""
+        self.draining = True
+        if not self.busy:
+            self.close()
+
+    def reject(self, error: GazsiError) -> None:
+        """Answer a protocol-level refusal at once and close (as the other listeners do)."""
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(render(error_reply(error), keep_alive=False))
+            self.transport.close()
+        self.closed = True
+        self._disarm()
+
     # -- internals ------------------------------------------------------------------------
     def _next(self) -> None:
         if self.busy or self.closed:
             return
+        if not self.writable.is_set():
+            # The client does not read its answers: no next head until it does (resume_writing), so the
+            # answers waiting for it stay bounded; it is the server that waits, so no client clock runs.
+            self._disarm()
+            return
         item = self.framer.next_head()
         if item is None:
-            if self.framer.buffered and self._timer_kind != "header":
-                # A head has started: the slow-client clock runs from its first byte, not its last.
-                self._arm(self.limits.header_timeout_s, "header")
+            if self.framer.buffered:
+                if self._timer_kind != "header":
+                    # A head has started: the slow-client clock runs from its first byte, not its last.
+                    self._arm(self.limits.header_timeout_s, "header")
+            elif self._timer is None:
+                self._arm(self.limits.keepalive_timeout_s)  # idle (after writing resumed)
             return
         head, oversized = item
-        self._close_after_write = oversized  # 431 follows; what comes after cannot be framed
+        if oversized:
+            self.reject(self.limits.headers_too_large())
+            return
         self.busy = True
         self._disarm()
         self.sink.submit(self, head, time.perf_counter_ns())
 
+    def _pump_body(self) -> None:
+        fut = self._body_fut
+        assert fut is not None
+        chunk = self.framer.take(self._body_need - self._body_got)
+        self._body_got += len(chunk)
+        if self._body_keep:
+            self._body += chunk
+        if self._body_got >= self._body_need:
+            body, self._body, self._body_fut = bytes(self._body), bytearray(), None
+            self._disarm()
+            if not fut.done():
+                fut.set_result(body)
+        else:
+            self._arm(self.limits.body_timeout_s, "body")  # re-armed by every chunk: a bound on silence
+            if self._paused and self.transport is not None:
+                # Reading paused on a full buffer before the body was asked for: the body drains it.
+                self.transport.resume_reading()
+                self._paused = False
+
     def _arm(self, seconds: float, kind: str = "idle") -> None:
         self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._timeout)
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._timeout, kind)
         self._timer_kind = kind
 
     def _disarm(self) -> None:
@@ -176,6 +340,15 @@ class FeedConnection(asyncio.Protocol):
             self._timer = None
         self._timer_kind = ""
 
-    def _timeout(self) -> None:
-        if not self.busy and self.transport is not None:
-            self.transport.close()
+    def _timeout(self, kind: str) -> None:
+        self._timer = None
+        self._timer_kind = ""
+        if self.transport is None or self.closed:
+            return
+        if kind == "body":
+            self.close()
+        elif not self.busy:
+            if kind == "header":
+                self.reject(RequestTimeout("request headers were not received in time"))
+            else:
+                self.close()

@@ -1,16 +1,35 @@
 """The ``gpu`` transport: host socket feed -> parse kernel -> ring -> pipeline -> ring -> build kernel -> sockets.
 
-GAZSI's hot path: ``GET /inference?d=``, ``/index.``, ``/contacts.`` and the kernel's error statuses
-(404, 405, 400, 413, 414, 431) are parsed and answered by CUDA kernels; control flow is mode (a), one
-kernel launch per burst (it won every burst size measured, see docs/benchmarks.md). A burst is whatever
-heads arrived during one event-loop turn, up to ``capacity``. The operator routes (``/readyz``,
-``/metrics``, ``/admin``) are on the node's operator port.
+Every request reaches the node's one pipeline (:class:`~edge_node.pipeline.EdgePipeline`), so routes,
+auth, limits, readiness, the response cache, usage, metrics and errors are those of every transport.
+What the kernels add is speed on GAZSI's hot path:
 
-The CPU does what the kernels cannot: the pipeline's authorise -> tokenise -> embed -> usage stages
-(:meth:`edge_node.pipeline.EdgePipeline.gazsi`, so limits, the response cache and usage behave as on
-every other transport), then the build kernel encodes the same body bytes as
-:func:`edge_node.encode.inference_body`. Errors the pipeline raises are answered from the CPU through
-the one error mapping and the one renderer.
+* ``GET``/``HEAD /inference?d=`` with a valid ``d`` and no body: parsed by ``gz_parse``, admitted to a
+  ring slot by ``gz_ring_admit``, handed to :meth:`EdgePipeline.handle_inference` (authorise -> limits
+  -> readiness -> tokenise -> embed -> usage, the encode stage aside), built by ``gz_ring_build`` into
+  the bytes :func:`edge_node.encode.inference_body` and the one renderer would write. The headers the
+  pipeline adds (rate limits, ``X-Gazsi-Cache``, ``Server-Timing``) are spliced in where the renderer
+  puts them. An error, or a peer's answer after forwarding, is rendered on the CPU.
+* ``GET``/``HEAD /index.`` and ``/contacts.``: canned pages built by ``gz_build``, the same bytes.
+* Everything else (``POST /v1/embeddings``, ``/v1/models``, ``/healthz``, ``/readyz``, unknown routes,
+  every status the kernel would refuse with, heads too large for a kernel slot, requests with a body,
+  and the odd query Python would read differently): the CPU parses the head with the configured
+  limits (:func:`._head.parse_head`), reads the body, and calls :meth:`EdgePipeline.handle`, as the
+  fast front's workers do. The kernels never answer an error of their own, so every refusal carries
+  the same bytes as on the other transports.
+
+Admission holds load instead of refusing it: a hot ``/inference`` that finds all 128 ring slots taken
+waits (a heap by arrival, oldest first back into the next burst as slots free) for up to
+``edge.gpu_slot_wait_s``, then gets 429 with ``Retry-After``; heads waiting for a burst or a slot are
+bounded together by ``edge.gpu_queue_capacity`` (past it: 429 at once). It used to refuse at once when
+the ring was full, so load turned into 429 storms (issue 15).
+
+Control flow is mode (a), one kernel launch per burst (it won every burst size measured, see
+docs/benchmarks.md). A burst is whatever heads arrived during one event-loop turn, up to ``capacity``.
+The feed applies the listener limits (``settings.limits``); :meth:`GpuDataplane.stop` drains as the
+listener does (idle connections close at once, requests in service are answered, then their connections
+close). The operator routes (``/metrics``, ``/admin``) are on the node's operator port. Refused at start: TLS (the kernels speak plaintext HTTP),
+and request bodies in chunked transfer coding (400: send ``Content-Length``).
 """
 
 from __future__ import annotations
@@ -18,120 +37,234 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
+import itertools
 import logging
 import time
-from importlib import resources
+import weakref
+from collections import Counter
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gazsi_cluster.errors import ConfigError, EngineError, Overloaded, ServiceUnavailable
+from gazsi_cluster.errors import (
+    ConfigError,
+    EngineError,
+    GazsiError,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
 from gazsi_cluster.http.errors import error_reply
-from gazsi_cluster.http.wire import HttpRequest, render
+from gazsi_cluster.http.wire import HttpReply, HttpRequest, render, render_chunk, render_head
 
 from . import _layout as L
+from ._head import hot_headers, needs_cpu_query, parse_head
 from .feed import FeedConnection, FeedLimits
-from .ring import HostRing
 
 if TYPE_CHECKING:
-    from edge_node.node import EdgeNode
     from edge_node.pipeline import EdgePipeline
+    from edge_node.transports.base import TransportHost
+    from gazsi_cluster.config import LimitsConfig
+
+    from .device import HttpDevice
+    from .ring import HostRing
 
 __all__ = ["GpuDataplane", "GpuTransport"]
 
 log = logging.getLogger(__name__)
 
-
-@functools.lru_cache(maxsize=1)
-def _ring_module() -> Any:
-    import cupy as cp
-
-    pkg = resources.files(__package__)
-    src = pkg.joinpath("http_kernels.cu").read_text() + "\n" + pkg.joinpath("ring.cu").read_text()
-    return cp.RawModule(code=src, options=("--std=c++17",))
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_SLOT = -2  # gz_ring_admit's R_SLOT when every ring slot is taken (-3: a queue misbehaved, -1: not admitted)
+_PAGES = {L.ROUTE_INDEX: "/index.", L.ROUTE_CONTACTS: "/contacts."}
+_Burst = list[tuple[FeedConnection, bytes, int]]
 
 
 def error_response(exc: BaseException, keep_alive: bool) -> bytes:
     return render(error_reply(exc), keep_alive=keep_alive)
 
 
+def with_headers(response: bytes, headers: list[tuple[str, str]]) -> bytes:
+    """A built response with ``headers`` where :func:`~gazsi_cluster.http.wire.render_head` writes them.
+
+    The renderer's order is status, content-type, content-length, extra headers, connection; the build
+    kernel writes all but the extras.
+
+    >>> with_headers(b"HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\n{}", [("X-Gazsi-Cache", "miss")])
+    b'HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\nx-gazsi-cache: miss\\r\\n\\r\\n{}'
+    """
+    if not headers:
+        return response
+    at = response.index(b"\r\n", response.index(b"\r\ncontent-length: ") + 2)
+    extra = b"".join(b"\r\n" + f"{k.lower()}: {v}".encode("latin-1") for k, v in headers)
+    return response[:at] + extra + response[at:]
+
+
+def _authorization(head: bytes, row: np.ndarray) -> str | None:
+    """The Authorization value where the parse kernel found it."""
+    n = int(row[L.R_AUTH_LEN])
+    if n < 0:
+        return None
+    off = int(row[L.R_AUTH_OFF])
+    return head[off:off + n].decode("latin-1")
+
+
+def _cuda_device(capacity: int) -> HttpDevice:
+    from .device import CudaDevice
+
+    return CudaDevice(capacity)
+
+
 class GpuDataplane:
-    """Owns the GPU buffers, the ring and the two loops (bursts, builds). Start, then :meth:`serve`."""
+    """Owns the device, the ring and the two loops (bursts, builds). :meth:`start`, then :meth:`serve`.
+
+    ``device`` makes the :class:`~edge_node.transports.gpu.device.HttpDevice` (the CUDA kernels unless
+    a test hands it their CPU reference).
+    """
 
     def __init__(self, pipeline: EdgePipeline, *, capacity: int = 1024, max_pending: int = 4096,
-                 limits: FeedLimits | None = None) -> None:
+                 slot_wait_s: float = 0.5, retry_after_s: float = 1.0,
+                 limits: FeedLimits | None = None, device: Callable[[int], HttpDevice] | None = None) -> None:
         self.pipeline = pipeline
         self.capacity = capacity
-        self.max_pending = max_pending
+        self.max_pending = max_pending  # heads waiting for a burst or a ring slot, together
+        self.slot_wait_s = slot_wait_s
+        self.retry_after_s = retry_after_s
         self.limits = limits or FeedLimits()
-        self._pending: list[tuple[FeedConnection, bytes, int]] = []
+        self.per_client: Counter[str] = Counter()
+        self.connections: weakref.WeakSet[FeedConnection] = weakref.WeakSet()
+        self._make_device = device or _cuda_device
+        self.device: HttpDevice | None = None
+        self._pending: _Burst = []
+        # Hot /inference heads that found every ring slot taken, a heap by arrival: (t0, seq, conn, head,
+        # keep-alive). They go back into a burst as slots free (oldest first), or get 429 once slot_wait_s passed.
+        self._waiting: list[tuple[int, int, FeedConnection, bytes, bool]] = []
+        self._seq = itertools.count()
         self._work = asyncio.Event()
         self._build = asyncio.Event()
         self._to_build = 0
-        self._slot_conn: dict[int, tuple[FeedConnection, bool]] = {}
+        self._quiet = asyncio.Event()  # set when nothing is in service (stop drains on it)
+        self._slot_conn: dict[int, tuple[FeedConnection, bool, list[tuple[str, str]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self.server: asyncio.Server | None = None
-        self.stats = {"bursts": 0, "requests": 0, "ring_full": 0, "built": 0}
+        self.stats = {"bursts": 0, "requests": 0, "ring_full": 0, "waited": 0, "expired": 0, "queue_full": 0,
+                      "built": 0, "cpu": 0}
         self.recent_marks: list[np.ndarray] = []  # T0..T8 of recent slots (bounded), for benchmarks
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        """Allocate GPU buffers and the mapped ring, compile kernels, start the loops."""
-        import cupy as cp
-
-        from .control import MappedBuffer
-        from .kernels import GpuHttpEngine
-
-        self.engine = GpuHttpEngine(self.capacity)
-        self.ring_mem = MappedBuffer(L.RING_BYTES)
-        self.ring = HostRing(self.ring_mem.array)
-        self.d_ring = self.ring_mem.device_array(cp.uint8, (L.RING_BYTES,))
-        mod = _ring_module()
-        self.k_admit = mod.get_function("gz_ring_admit")
-        self.k_build = mod.get_function("gz_ring_build")
-        self.d_built = cp.full(L.RING_N, -1, dtype=cp.int32)
+        """Make the device (GPU buffers, mapped ring, compiled kernels), start the loops."""
+        self.device = self._make_device(self.capacity)
         self._loops = [asyncio.create_task(self._burst_loop(), name="gazsi-gpu-bursts"),
                        asyncio.create_task(self._build_loop(), name="gazsi-gpu-builds")]
 
+    @property
+    def ring(self) -> HostRing:
+        assert self.device is not None
+        return self.device.ring
+
     async def serve(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: FeedConnection(self, self.limits), host, port, backlog=4096)
+        self.server = await loop.create_server(self._connection, host, port, backlog=4096)
         return self.server
+
+    def _connection(self) -> FeedConnection:
+        conn = FeedConnection(self, self.limits, self.per_client)
+        self.connections.add(conn)
+        return conn
 
     @property
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting and drain, as the other listeners do: idle connections close now, requests in
+        service are answered (bounded by ``timeout_s``) and their connections close; then the device is freed."""
         if self.server is not None:
             self.server.close()
+        for conn in list(self.connections):
+            conn.drain()
+        self._check_quiet()
+        with contextlib.suppress(TimeoutError):  # heads still to burst, CPU work, results waiting for their build
+            await asyncio.wait_for(self._quiet.wait(), timeout_s)
         for task in [*self._loops, *self._tasks]:
             task.cancel()
         for task in [*self._loops, *self._tasks]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if getattr(self, "ring_mem", None) is not None:
-            import cupy as cp
-
-            cp.cuda.Device().synchronize()  # no kernel may touch the ring once it is freed
-            self.ring_mem.free()
+        for conn in list(self.connections):  # what did not finish in time
+            conn.close()
+        if self.device is not None:
+            self.device.close()
+            self.device = None
 
     # -- the feed's sink ------------------------------------------------------------------
     def submit(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None:
-        if len(self._pending) >= self.max_pending:
-            conn.respond(error_response(ServiceUnavailable("the GPU data plane is saturated", retry_after=1), False),
-                         False)
+        lim = conn.limits
+        if len(head) > min(L.REQ_STRIDE, lim.max_header_bytes) or (
+                lim.max_headers < L.MAX_HEADERS and head.count(b"\r\n") - 2 > lim.max_headers):
+            # Past a kernel slot, or perhaps past the configured limits: the CPU parse counts and decides.
+            self._to_cpu(conn, head, t0_ns)
+            return
+        if len(self._pending) + len(self._waiting) >= self.max_pending:
+            # Not parsed yet, so whether the client wants keep-alive is unknown: close, as HTTP allows.
+            self.stats["queue_full"] += 1
+            conn.respond(error_response(self._overloaded("the GPU data plane's queue is full"), False), False)
             return
         self._pending.append((conn, head, t0_ns))
+        self._quiet.clear()
         self._work.set()
+
+    def _overloaded(self, why: str) -> Overloaded:
+        return Overloaded(why, retry_after=self.retry_after_s)
+
+    def _wait_for_slot(self, conn: FeedConnection, head: bytes, t0_ns: int, keep: bool) -> None:
+        self.stats["ring_full"] += 1
+        heapq.heappush(self._waiting, (t0_ns, next(self._seq), conn, head, keep))
+
+    def _admit_waiting(self) -> None:
+        """Expire what waited too long (429), then put the oldest waiting heads before the new ones, as many as
+        there are free slots (more would only be parsed again)."""
+        if not self._waiting:
+            return
+        expired_before = time.perf_counter_ns() - int(self.slot_wait_s * 1e9)
+        while self._waiting and self._waiting[0][0] < expired_before:
+            t0, _, conn, head, keep = heapq.heappop(self._waiting)
+            if conn.closed:
+                continue
+            self.stats["expired"] += 1
+            reply = error_reply(self._overloaded(f"no GPU ring slot came free within {self.slot_wait_s:g} s"))
+            self.pipeline.metrics.observe("/inference", reply.status, time.perf_counter() - t0 / 1e9)
+            keep = keep and not conn.draining
+            conn.respond(render(reply, keep_alive=keep), keep)
+        free = self.ring.free_count() if self.device is not None else 0
+        back: _Burst = []
+        while self._waiting and len(back) < free:
+            t0, _, conn, head, _ = heapq.heappop(self._waiting)
+            if not conn.closed:
+                back.append((conn, head, t0))
+        if back:
+            self.stats["waited"] += len(back)
+            self._pending[:0] = back
+
+    def _slot_freed(self) -> None:
+        if self._waiting:
+            self._work.set()
 
     # -- bursts: parse + admit ------------------------------------------------------------
     async def _burst_loop(self) -> None:
         while True:
-            await self._work.wait()
+            if self._waiting:  # wake for the oldest one's deadline even if no slot frees
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), self.slot_wait_s / 4)
+            else:
+                await self._work.wait()
             self._work.clear()
+            self._admit_waiting()
             while self._pending:
                 burst, self._pending = self._pending[: self.capacity], self._pending[self.capacity:]
                 try:
@@ -139,145 +272,247 @@ class GpuDataplane:
                 except Exception:  # a GPU failure answers this burst, it does not kill the loop
                     log.exception("GPU burst failed")
                     for conn, _, _ in burst:
-                        if conn.busy:
+                        if conn.busy and conn.task is None:
                             conn.respond(error_response(EngineError("GPU data plane failure"), False), False)
+            self._check_quiet()
             await asyncio.sleep(0)  # let the next turn's heads arrive before the next burst
 
-    def _run_burst(self, burst: list[tuple[FeedConnection, bytes, int]]) -> None:
-        eng = self.engine
-        n = eng.load([head for _, head, _ in burst])
+    def _run_burst(self, burst: _Burst) -> None:
+        assert self.device is not None
+        rows = self.device.parse_admit([head for _, head, _ in burst])
         t1 = time.perf_counter_ns()
-        eng.upload(n)
-        eng.launch_parse(n)
-        self.k_admit(((n + 127) // 128,), (128,), (eng.d_results, eng.d_dbuf, np.int32(n), self.d_ring))
-        results = eng.d_results[:n].get()  # synchronises: parse and admission are done
         self.stats["bursts"] += 1
-        self.stats["requests"] += n
+        self.stats["requests"] += len(burst)
         canned: list[int] = []
-        by_slot: dict[int, int] = {}
-        for i, (conn, _head, _t0) in enumerate(burst):
-            row = results[i]
+        admitted: dict[int, tuple[int, bool]] = {}
+        hot_heads: dict[int, dict[str, str]] = {}
+        for i, (conn, head, t0) in enumerate(burst):
+            row = rows[i]
             status, route, slot = int(row[L.R_STATUS]), int(row[L.R_ROUTE]), int(row[L.R_SLOT])
-            keep = bool(row[L.R_KEEPALIVE])
-            if status == 200:
-                conn.skip_body(int(row[L.R_CLEN]))
-            if status != 200 or route != L.ROUTE_INFERENCE:
+            hot = status == 200 and int(row[L.R_CLEN]) <= 0
+            if hot:
+                headers = hot_headers(head, _authorization(head, row))
+                hot = "upgrade" not in headers
+                if hot and route == L.ROUTE_INFERENCE:
+                    q0 = int(row[L.R_QUERY_OFF])
+                    hot = not needs_cpu_query(head[q0:q0 + int(row[L.R_QUERY_LEN])])
+                hot_heads[i] = headers
+            if slot >= 0:
+                admitted[slot] = (i, hot)
+            elif hot and route in _PAGES:
                 canned.append(i)
-            elif slot >= 0:
-                by_slot[slot] = i
             else:
-                self.stats["ring_full"] += slot == -2
-                exc = Overloaded("all ring slots are busy", retry_after=1) if slot == -2 else EngineError("ring failure")
-                conn.respond(error_response(exc, keep), keep)
+                if hot and slot == _NO_SLOT:  # a valid /inference without a free slot: it waits for one
+                    self._wait_for_slot(conn, head, t0, bool(row[L.R_KEEPALIVE]))
+                    continue
+                if slot == -3:
+                    log.error("ring: admission failed (a queue misbehaved)")
+                self._to_cpu(conn, head, t0)
         if canned:
-            self._answer_canned(burst, results, canned)
+            self._answer_canned(burst, rows, canned)
         for slot in self.ring.pop_requests():
-            i = by_slot.pop(slot)
+            entry = admitted.pop(slot, None)
+            if entry is None:
+                log.error("ring: slot %d on the request queue was not admitted in this burst", slot)
+                continue
+            i, hot = entry
             conn, head, t0 = burst[i]
-            row = results[i]
             d = self.ring.take(slot)
+            if not hot:
+                self.ring.abort(slot)
+                self._slot_freed()
+                self._to_cpu(conn, head, t0)
+                continue
             self.ring.stamp(slot, 0, t0)
             self.ring.stamp(slot, 1, t1)
-            auth = None
-            if int(row[L.R_AUTH_LEN]) >= 0:
-                off = int(row[L.R_AUTH_OFF])
-                auth = head[off:off + int(row[L.R_AUTH_LEN])].decode("latin-1")
-            task = asyncio.get_running_loop().create_task(self._infer(slot, conn, d, auth, bool(row[L.R_KEEPALIVE])))
-            conn.task = task
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            row = rows[i]
+            request = self._hot_request(conn, head, row, hot_heads[i], t0)
+            task = self._spawn(conn, self._infer(slot, conn, request, d.decode("utf-8"), bool(row[L.R_KEEPALIVE])))
             task.add_done_callback(functools.partial(self._reclaim, slot))
-        if by_slot:  # admitted on the GPU but not seen on the request queue: a ring bug
-            log.error("ring: %d admitted slots missing from the request queue", len(by_slot))
-            for i in by_slot.values():
+        if admitted:  # admitted on the GPU but not seen on the request queue: a ring bug
+            log.error("ring: %d admitted slots missing from the request queue", len(admitted))
+            for i, _ in admitted.values():
                 burst[i][0].respond(error_response(EngineError("ring failure"), False), False)
 
-    def _answer_canned(self, burst: list[tuple[FeedConnection, bytes, int]], results: np.ndarray,
-                       idx: list[int]) -> None:
+    def _answer_canned(self, burst: _Burst, rows: np.ndarray, idx: list[int]) -> None:
         from .kernels import jobs_for
 
-        rows = results[idx]
+        assert self.device is not None
+        picked = rows[idx]
         zeros = [0] * len(idx)
-        jobs = jobs_for(rows, zeros, zeros, zeros)
-        responses = self.engine.build(jobs, np.zeros((len(idx), 3), dtype=np.float32))
+        jobs = jobs_for(picked, zeros, zeros, zeros)
+        responses = self.device.build_canned(jobs)
+        now = time.perf_counter()
         for k, i in enumerate(idx):
-            burst[i][0].respond(responses[k], bool(jobs[k, L.J_KEEPALIVE]))
+            conn, _, t0 = burst[i]
+            self.pipeline.metrics.observe(_PAGES[int(picked[k, L.R_ROUTE])], 200, now - t0 / 1e9)
+            conn.respond(responses[k], bool(jobs[k, L.J_KEEPALIVE]))
 
-    # -- the CPU stage: service, then hand back to the ring -------------------------------
-    async def _infer(self, slot: int, conn: FeedConnection, d: bytes, auth: str | None, keep: bool) -> None:
-        try:
-            request = HttpRequest("GET", "/inference", "", {"authorization": auth} if auth is not None else {})
-            result = await self.pipeline.gazsi(request, d.decode("utf-8"))
-        except Exception as exc:
+    @staticmethod
+    def _hot_request(conn: FeedConnection, head: bytes, row: np.ndarray, headers: dict[str, str],
+                     t0_ns: int) -> HttpRequest:
+        q0 = int(row[L.R_QUERY_OFF])
+        query = head[q0:q0 + int(row[L.R_QUERY_LEN])].decode("latin-1")
+        return HttpRequest("HEAD" if int(row[L.R_METHOD]) == 2 else "GET", "/inference", query, headers, b"",
+                           conn.client, t0_ns / 1e9)
+
+    def _spawn(self, conn: FeedConnection, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        conn.task = task
+        self._tasks.add(task)
+        self._quiet.clear()
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._check_quiet()
+
+    def _check_quiet(self) -> None:
+        if not (self._pending or self._waiting or self._tasks or self._slot_conn):
+            self._quiet.set()
+
+    def _to_cpu(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None:
+        self.stats["cpu"] += 1
+        self._spawn(conn, self._serve_cpu(conn, head, t0_ns))
+
+    # -- the CPU stage of the hot path: the pipeline, then back to the ring ---------------
+    async def _infer(self, slot: int, conn: FeedConnection, request: HttpRequest, text: str, keep: bool) -> None:
+        outcome = await self.pipeline.handle_inference(request, text)
+        if isinstance(outcome, HttpReply):  # an error, or what a peer answered
             self.ring.abort(slot)
-            conn.respond(error_response(exc, keep), keep)
+            self._slot_freed()
+            await self._send(conn, request, outcome, keep)
             return
-        self.ring.complete(slot, tokens=result.tokens, batch_size=result.batch_size,
-                           inference_us=result.inference_us, sample=result.sample.tolist(),
-                           infer_marks=result.marks)
-        self._slot_conn[slot] = (conn, keep)
+        self.ring.complete(slot, tokens=outcome.tokens, batch_size=outcome.batch_size,
+                           inference_us=outcome.inference_us, sample=outcome.sample.tolist(),
+                           infer_marks=outcome.marks)
+        self._slot_conn[slot] = (conn, keep, outcome.headers)
+        self._quiet.clear()
         self._to_build += 1
         self._build.set()
 
     def _reclaim(self, slot: int, task: asyncio.Task[None]) -> None:
         # The client left and its task was cancelled, possibly before it ever ran (so no except
         # clause inside it could help): a slot still PROCESSING goes back, nothing is sent.
-        if task.cancelled() and int(self.ring.v.state[slot]) == L.S_PROCESSING:
+        if task.cancelled() and self.device is not None and int(self.ring.v.state[slot]) == L.S_PROCESSING:
             self.ring.abort(slot)
+            self._slot_freed()
+
+    # -- everything else: the CPU parses, the pipeline answers ----------------------------
+    async def _serve_cpu(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None:
+        lim = conn.limits
+        try:
+            parsed = parse_head(head, max_headers=lim.max_headers, max_header_bytes=lim.max_header_bytes)
+            if parsed.chunked:
+                raise InvalidRequest("the gpu data plane does not take chunked request bodies: send Content-Length")
+        except GazsiError as exc:
+            conn.reject(exc)
+            return
+        request = HttpRequest(parsed.method, parsed.path, parsed.query, parsed.headers, b"", conn.client,
+                              t0_ns / 1e9)
+        limit = self.pipeline.max_body_bytes
+        if parsed.content_length > limit:
+            # As the other listeners: the body is read and dropped, then 413 and the connection closes.
+            await conn.read_body(parsed.content_length, keep=False)
+            await self._send(conn, request, error_reply(PayloadTooLarge(f"request body exceeds {limit} bytes")),
+                             False)
+            return
+        if parsed.content_length:
+            if parsed.expect_continue:
+                conn.write(_CONTINUE)
+            request.body = await conn.read_body(parsed.content_length)
+        reply = await self.pipeline.handle(request)
+        await self._send(conn, request, reply, parsed.keep_alive)
+
+    @staticmethod
+    async def _send(conn: FeedConnection, request: HttpRequest, reply: HttpReply, keep: bool) -> None:
+        """The reply through the one renderer: what :class:`~gazsi_cluster.http.listener.HttpListener` sends."""
+        head_only = request.method == "HEAD"
+        keep = keep and not conn.draining
+        if reply.stream is None or head_only:
+            head = render_head(reply, keep_alive=keep)
+            conn.respond(head if head_only else head + reply.body, keep)
+            return
+        stream = reply.stream
+        try:
+            conn.write(render_head(reply, keep_alive=keep))
+            async for chunk in stream:
+                if conn.closed:
+                    return
+                if chunk:
+                    conn.write(render_chunk(chunk))
+                    if not conn.writable.is_set():
+                        await conn.writable.wait()  # the client reads slowly: so do we
+            conn.respond(render_chunk(b""), keep)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
     # -- builds ---------------------------------------------------------------------------
     async def _build_loop(self) -> None:
-        eng = self.engine
         while True:
             await self._build.wait()
             self._build.clear()
             await asyncio.sleep(0)  # results finishing in this turn share one launch
             k, self._to_build = self._to_build, 0
-            if not k:
+            if not k or self.device is None:
                 continue
-            self.k_build(((k + 127) // 128,), (128,), (np.int32(k), self.d_ring, eng.d_canned, eng.d_canned_idx,
-                                                         self.d_built))
-            built = self.d_built[:k].get()
+            built = self.device.build_ring(k)
             self.stats["built"] += k
-            for slot in built.tolist():
+            for slot in built:
                 if slot < 0:
                     log.error("ring: build kernel found no response to build")
                     continue
                 data = self.ring.response(slot)
-                conn, keep = self._slot_conn.pop(slot)
+                conn, keep, headers = self._slot_conn.pop(slot)
                 self.ring.stamp(slot, 7)
                 self.ring.release(slot)
                 if len(self.recent_marks) < 100_000:
                     self.recent_marks.append(self.ring.v.ts[slot].copy())
-                conn.respond(data, keep)
+                conn.respond(with_headers(data, headers), keep)
+            self._slot_freed()
+            self._check_quiet()
 
 
 class GpuTransport:
-    """The node's data plane on the GPU; refuses TLS (the kernels answer in plaintext) and says why."""
+    """The node's data plane on the GPU; refuses TLS (the kernels answer in plaintext) and says why.
+
+    ``device`` is for tests: the CPU reference of the kernels instead of the CUDA ones.
+    """
 
     name = "gpu"
 
-    def __init__(self, node: EdgeNode) -> None:
+    def __init__(self, node: TransportHost, *, device: Callable[[int], HttpDevice] | None = None) -> None:
         self.node = node
         self.plane: GpuDataplane | None = None
         self.port = 0
+        self._device = device
         if node.settings.edge.tls.enabled:
             raise ConfigError(
                 "edge.tls is set but the gpu data plane cannot serve TLS: its CUDA kernels parse and build "
                 "plaintext HTTP. Terminate TLS in front of the node, or use edge.dataplane=fast.")
 
     async def start(self) -> None:
-        node, edge, limits = self.node, self.node.settings.edge, self.node.settings.limits
+        node, edge = self.node, self.node.settings.edge
         assert node.pipeline is not None
-        feed = FeedLimits(header_timeout_s=limits.header_timeout_s, keepalive_timeout_s=limits.keep_alive_timeout_s)
-        self.plane = GpuDataplane(node.pipeline, limits=feed)
+        self.plane = GpuDataplane(node.pipeline, limits=FeedLimits.from_config(node.settings.limits),
+                                  max_pending=edge.gpu_queue_capacity, slot_wait_s=edge.gpu_slot_wait_s,
+                                  retry_after_s=node.settings.limits.retry_after_s, device=self._device)
         self.plane.start()
         await self.plane.serve(edge.host, edge.port)
         self.port = self.plane.port
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         if self.plane is not None:
-            await self.plane.stop()
+            await self.plane.stop(timeout_s)
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """New connections use ``limits`` (as on the other listeners)."""
+        if self.plane is not None:
+            self.plane.limits = FeedLimits.from_config(limits)
 
     async def wait_ready(self) -> None:
         """Serving as soon as :meth:`start` returned."""

@@ -91,6 +91,29 @@ Call with: dict "ctx" $ "name" <secret name> "key" <data key> "value" <generated
 {{- .Values.tls.existingSecret | default (printf "%s-tls" (include "gazsi.fullname" .)) }}
 {{- end }}
 
+{{/*
+mTLS inside the cluster (issue 18): "true" when tls.enabled and tls.internal, else empty.
+*/}}
+{{- define "gazsi.internalTLS" -}}
+{{- if and .Values.tls.enabled .Values.tls.internal }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether a worker group's edges serve mTLS: "true" or empty. A group without `edgeTLS` counts as true.
+Call with: dict "ctx" $ "group" <values of workerGroups.<name>>
+*/}}
+{{- define "gazsi.groupEdgeTLS" -}}
+{{- if and (include "gazsi.internalTLS" .ctx) (ternary .group.edgeTLS true (hasKey .group "edgeTLS")) }}true{{ end }}
+{{- end }}
+
+{{/*
+The scheme a worker group's edges serve and advertise (edge_node/node.py: https exactly when edge.tls is set).
+Call with: dict "ctx" $ "group" <values of workerGroups.<name>>
+*/}}
+{{- define "gazsi.edgeScheme" -}}
+{{- ternary "https" "http" (eq (include "gazsi.groupEdgeTLS" .) "true") }}
+{{- end }}
+
 {{- define "gazsi.externalSecret" -}}
 {{- printf "%s-external" (include "gazsi.fullname" .) }}
 {{- end }}
@@ -112,14 +135,158 @@ Fail early, with a message that names the value, when an external service is cho
 {{- if and $g.enabled (gt (int $g.replicas) (int $g.maxReplicas)) }}
 {{- fail (printf "workerGroups.%s: replicas (%d) exceeds maxReplicas (%d)" $name (int $g.replicas) (int $g.maxReplicas)) }}
 {{- end }}
+{{- /* gpu/gpunetio refuse edge.tls at start (their CUDA kernels speak plaintext HTTP) and auto may
+resolve to gpunetio: say so now rather than let the replicas crash-loop. */}}
+{{- if and $g.enabled (include "gazsi.groupEdgeTLS" (dict "ctx" $ "group" $g)) (has $g.dataplane (list "gpu" "gpunetio" "auto")) }}
+{{- fail (printf "workerGroups.%s: dataplane %s cannot serve the edges' mTLS (tls.internal): the gpu and gpunetio data planes answer plaintext HTTP from CUDA kernels (auto may pick gpunetio). Set workerGroups.%s.edgeTLS=false (its edges then serve plain HTTP inside the cluster), dataplane fast, or tls.internal=false" $name $g.dataplane $name) }}
+{{- end }}
+{{- end }}
+{{- include "gazsi.validateGatewayDirect" . }}
+{{- include "gazsi.validateCpus" . }}
+{{- end }}
+
+{{/*
+The custom Ray resource that pins gateway replicas to the pods of the direct listener (the head).
+*/}}
+{{- define "gazsi.gatewayResource" -}}gazsi_gateway{{- end }}
+
+{{/*
+The gateway's direct listener port (GAZSI_GATEWAY__PORT) in the head pod: gateway.direct.port, or 0 when off.
+*/}}
+{{- define "gazsi.gatewayDirectPort" -}}
+{{- ternary (int .Values.gateway.direct.port) 0 .Values.gateway.direct.enabled }}
+{{- end }}
+
+{{/*
+Issue 14: the direct listener binds gateway.direct.port in the head pod beside Ray's and the chart's
+own listeners; refuse any port one of them already holds (one of the two would fail to bind), and a
+head rayStartParams.resources that would drop the resource the gateways are pinned with.
+*/}}
+{{- define "gazsi.validateGatewayDirect" -}}
+{{- if .Values.gateway.direct.enabled }}
+{{- $port := int .Values.gateway.direct.port }}
+{{- $p := .Values.head.rayStartParams | default dict }}
+{{- $taken := list
+      (list (int (index $p "metrics-export-port" | default .Values.metrics.port)) "metrics.port (Ray's metrics export port)")
+      (list (int .Values.serve.port) "serve.port (Serve's HTTP proxy)")
+      (list (int .Values.edge.port) "edge.port (the edges' data plane)")
+      (list (int (index $p "port" | default 6379)) "Ray's GCS port (head.rayStartParams.port, default 6379)")
+      (list (int (index $p "dashboard-port" | default 8265)) "Ray's dashboard port (head.rayStartParams.dashboard-port, default 8265)")
+      (list (int (index $p "ray-client-server-port" | default 10001)) "Ray's client server port (head.rayStartParams.ray-client-server-port, default 10001)")
+      (list (int (index $p "dashboard-agent-listen-port" | default 52365)) "Ray's dashboard agent port (head.rayStartParams.dashboard-agent-listen-port, default 52365)") }}
+{{- /* Each Edge replica of a pod (one per GPU) takes the first free operator port of edge.port + 1 .. + 16 (OPERATOR_PORT_SPAN in edge_node/node.py). */}}
+{{- range $i := untilStep 1 17 1 }}
+{{- $taken = append $taken (list (add (int $.Values.edge.port) $i) (printf "edge.port + %d (an edge replica's operator app: edge.port + 1 .. + 16)" $i)) }}
+{{- end }}
+{{- range $t := $taken }}
+{{- if eq $port (index $t 0) }}
+{{- fail (printf "gateway.direct.port %d collides with %s in the head pod, where every gateway replica binds its direct listener: set gateway.direct.port to a free port (the default is 8090), or gateway.direct.enabled=false" $port (index $t 1)) }}
+{{- end }}
+{{- end }}
+{{- with index $p "resources" }}
+{{- if not (contains (include "gazsi.gatewayResource" $) .) }}
+{{- fail (printf "head.rayStartParams.resources (%s) replaces the custom Ray resource the chart gives the head so that the gateways (gateway.direct) run there: add \"%s\": 1000 to it, or set gateway.direct.enabled=false" . (include "gazsi.gatewayResource" $)) }}
+{{- end }}
+{{- end }}
+{{- else if and .Values.ingress.enabled (eq .Values.ingress.backend "direct") }}
+{{- fail "ingress.backend=direct routes to Service <release>-gateway-direct, which gateway.direct.enabled=false does not render: set ingress.backend=proxy or gateway.direct.enabled=true" }}
+{{- end }}
+{{- end }}
+
+{{/*
+A Kubernetes CPU quantity (8, "8", "500m", 0.5) in millicores; 0 when unset.
+*/}}
+{{- define "gazsi.cpuMillis" -}}
+{{- if or (kindIs "invalid" .) (eq (toString .) "") }}0
+{{- else if hasSuffix "m" (toString .) }}{{ trimSuffix "m" (toString .) | int }}
+{{- else }}{{ mulf (float64 .) 1000 | ceil | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+The CPUs (in millicores) Ray schedules on in one pod: rayStartParams num-cpus, else what KubeRay
+passes as num-cpus, the container's CPU limit rounded up to a whole CPU, else its request.
+Call with: dict "params" <rayStartParams> "resources" <container resources>
+*/}}
+{{- define "gazsi.rayCpuMillis" -}}
+{{- $params := .params | default dict }}
+{{- $limits := (.resources | default dict).limits | default dict }}
+{{- $requests := (.resources | default dict).requests | default dict }}
+{{- if hasKey $params "num-cpus" }}{{ include "gazsi.cpuMillis" (index $params "num-cpus") }}
+{{- else if $limits.cpu }}{{ mul (ceil (divf (include "gazsi.cpuMillis" $limits.cpu | int) 1000)) 1000 }}
+{{- else }}{{ mul (ceil (divf (include "gazsi.cpuMillis" $requests.cpu | int) 1000)) 1000 }}
+{{- end }}
+{{- end }}
+
+{{- define "gazsi.cpuText" -}}
+{{- $m := int . }}{{ if eq (mod $m 1000) 0 }}{{ div $m 1000 }}{{ else }}{{ divf $m 1000 }}{{ end }}
+{{- end }}
+
+{{/*
+Issue 14: every pod's CPUs hold the replicas Serve puts there, in Ray's CPUs (else the replicas are never
+placed) and in the pod's CPU request (else they run on CPUs Kubernetes did not reserve):
+  - gpu profile: each worker group's Edge replicas per pod (gpus / Edge num_gpus) x Edge num_cpus, which
+    is the node process (2: the engine's threads and the node's loop) plus the fast front's HTTP workers
+    (deployments/edge.py sizes them from the reservation: num_cpus - 2);
+  - any profile: one Edge replica must fit some Ray pod;
+  - gateway.direct: every gateway replica is pinned to the head, so the head holds all of them.
+*/}}
+{{- define "gazsi.validateCpus" -}}
+{{- $cfg := include "gazsi.serveConfig" . | fromYaml }}
+{{- $deps := dict }}
+{{- range $app := $cfg.applications }}{{ range $d := $app.deployments }}{{ $_ := set $deps $d.name $d }}{{ end }}{{ end }}
+{{- $edge := index $deps "Edge" | default dict }}
+{{- $edgeOpts := $edge.ray_actor_options | default dict }}
+{{- $edgeCpus := int (mulf (float64 (ternary 1 $edgeOpts.num_cpus (kindIs "invalid" $edgeOpts.num_cpus))) 1000) }}
+{{- $edgeGpus := float64 ($edgeOpts.num_gpus | default 0) }}
+{{- $headRay := include "gazsi.rayCpuMillis" (dict "params" .Values.head.rayStartParams "resources" .Values.head.resources) | int }}
+{{- $best := $headRay }}
+{{- range $name, $g := .Values.workerGroups }}
+{{- if $g.enabled }}
+{{- $ray := include "gazsi.rayCpuMillis" (dict "params" $g.rayStartParams "resources" $g.resources) | int }}
+{{- $req := include "gazsi.cpuMillis" (($g.resources | default dict).requests | default dict).cpu | int }}
+{{- $best = max $best $ray }}
+{{- if and (gt $edgeGpus 0.0) (gt (int $g.gpus) 0) }}
+{{- $per := int (floor (divf (int $g.gpus) $edgeGpus)) }}
+{{- $need := mul $per $edgeCpus }}
+{{- $why := printf "its %d Edge replica(s) per pod (gpus %d / Edge num_gpus %v) reserve %s CPUs (Edge num_cpus %s: 2 for the node process, the rest the fast front's HTTP workers)" $per (int $g.gpus) $edgeGpus (include "gazsi.cpuText" $need) (include "gazsi.cpuText" $edgeCpus) }}
+{{- if lt $ray $need }}
+{{- fail (printf "workerGroups.%s: %s, but the pod gives Ray %s CPUs (rayStartParams num-cpus, else resources.limits.cpu, else resources.requests.cpu), so Serve could never place them: raise workerGroups.%s.resources (requests and limits) to at least %s CPUs plus room for Ray's own processes, or lower serve.edge.numCpus" $name $why (include "gazsi.cpuText" $ray) $name (include "gazsi.cpuText" $need)) }}
+{{- end }}
+{{- if lt $req $need }}
+{{- fail (printf "workerGroups.%s: %s, but resources.requests.cpu is only %s, so they would run on CPUs Kubernetes did not reserve: raise workerGroups.%s.resources.requests.cpu to at least %s (plus room for Ray's own processes), or lower serve.edge.numCpus" $name $why (include "gazsi.cpuText" $req) $name (include "gazsi.cpuText" $need)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and $edge (lt $best $edgeCpus) }}
+{{- fail (printf "no Ray pod has the %s CPUs one Edge replica reserves (Edge num_cpus): the largest gives Ray %s; raise a worker group's (or the head's) CPUs, or lower serve.edge.numCpus" (include "gazsi.cpuText" $edgeCpus) (include "gazsi.cpuText" $best)) }}
+{{- end }}
+{{- if .Values.gateway.direct.enabled }}
+{{- $gw := index $deps "Gateway" | default dict }}
+{{- $gwOpts := $gw.ray_actor_options | default dict }}
+{{- $gwCpus := int (mulf (float64 (ternary 1 $gwOpts.num_cpus (kindIs "invalid" $gwOpts.num_cpus))) 1000) }}
+{{- $gwReplicas := int (ternary (($gw.autoscaling_config | default dict).max_replicas | default 1) ($gw.num_replicas | default 1) (hasKey $gw "autoscaling_config")) }}
+{{- $need := mul $gwReplicas $gwCpus }}
+{{- $headReq := include "gazsi.cpuMillis" ((.Values.head.resources | default dict).requests | default dict).cpu | int }}
+{{- $why := printf "gateway.direct pins all %d gateway replica(s) to the head pod, %s CPUs (Gateway num_cpus %s each)" $gwReplicas (include "gazsi.cpuText" $need) (include "gazsi.cpuText" $gwCpus) }}
+{{- if lt $headRay $need }}
+{{- fail (printf "%s, but the head gives Ray %s CPUs (head.rayStartParams num-cpus, else head.resources.limits.cpu, else the request): raise head.resources, or lower serve.gateway.numReplicas / numCpus" $why (include "gazsi.cpuText" $headRay)) }}
+{{- end }}
+{{- if lt $headReq $need }}
+{{- fail (printf "%s, but head.resources.requests.cpu is only %s: raise it to at least %s, or lower serve.gateway.numReplicas / numCpus" $why (include "gazsi.cpuText" $headReq) (include "gazsi.cpuText" $need)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
 {{/*
 GAZSI_* settings every Ray container gets (gazsi_cluster/config.py: nested fields joined by `__`).
 The URLs are composed with Kubernetes' $(VAR) expansion so passwords stay in Secrets.
+Call with: dict "ctx" $ "edgeTLS" <whether this pod's edges serve mTLS>
 */}}
 {{- define "gazsi.env" -}}
+{{- $edgeTLS := .edgeTLS }}
+{{- with .ctx }}
 - name: GAZSI_DATA_DIR
   value: /data/gazsi
 - name: GAZSI_LOG_LEVEL
@@ -166,6 +333,7 @@ The URLs are composed with Kubernetes' $(VAR) expansion so passwords stay in Sec
 - name: GAZSI_CONTROL_PLANE__CA_FILE
   value: /etc/gazsi/tls/ca.crt
 {{- end }}
+{{- include "gazsi.internalTLSEnv" (dict "ctx" . "server" $edgeTLS) }}
 {{- if .Values.redis.enabled }}
 - name: REDIS_PASSWORD
   valueFrom:
@@ -183,6 +351,41 @@ The URLs are composed with Kubernetes' $(VAR) expansion so passwords stay in Sec
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+mTLS inside the cluster (issue 18), from the one certificate every Ray pod mounts (serverAuth and
+clientAuth) and the cluster CA. Every pod gets the client side, since a gateway replica
+(gateway.edge_tls) or a forwarding edge (edge.peer_tls) may run on any of them. check_hostname is
+false because edges advertise their pod IP, which no certificate names; the chain is still verified
+against the cluster CA, the only CA these clients trust. The server side (edge.tls, client
+certificates required) only where the pod's edges can serve TLS.
+Call with: dict "ctx" $ "server" <bool>
+*/}}
+{{- define "gazsi.internalTLSEnv" -}}
+{{- if include "gazsi.internalTLS" .ctx }}
+{{- range $client := list "GAZSI_GATEWAY__EDGE_TLS" "GAZSI_EDGE__PEER_TLS" }}
+- name: {{ $client }}__CA_FILE
+  value: /etc/gazsi/tls/ca.crt
+- name: {{ $client }}__CERTFILE
+  value: /etc/gazsi/tls/tls.crt
+- name: {{ $client }}__KEYFILE
+  value: /etc/gazsi/tls/tls.key
+- name: {{ $client }}__CHECK_HOSTNAME
+  value: "false"
+{{- end }}
+{{- if .server }}
+- name: GAZSI_EDGE__TLS__CERTFILE
+  value: /etc/gazsi/tls/tls.crt
+- name: GAZSI_EDGE__TLS__KEYFILE
+  value: /etc/gazsi/tls/tls.key
+- name: GAZSI_EDGE__TLS__CLIENT_CA_FILE
+  value: /etc/gazsi/tls/ca.crt
+- name: GAZSI_EDGE__TLS__REQUIRE_CLIENT_CERT
+  value: "true"
+{{- end }}
 {{- end }}
 {{- end }}
 

@@ -6,6 +6,9 @@ overrides applied on top:
   - proxy_location = serve.proxyLocation when set;
   - per deployment (Gateway <- serve.gateway, Edge <- serve.edge): num_replicas,
     max_ongoing_requests, ray_actor_options.num_cpus / num_gpus, user_config deep-merged;
+  - gateway.direct.enabled: Gateway.ray_actor_options.resources.gazsi_gateway = 1, a custom Ray resource
+    only the head pod has, so every gateway replica (and its direct listener) runs where
+    Service <release>-gateway-direct sends traffic;
   - Edge.num_replicas, when not set, is one replica per `num_gpus` of the enabled worker groups
     (gpu profile); with autoscaling on it becomes Serve autoscaling over the same GPU range.
 tests/helm/test_serve_config.py re-applies these rules in Python and compares.
@@ -55,6 +58,10 @@ tests/helm/test_serve_config.py re-applies these rules in Python and compares.
 {{- end }}
 {{- if not (kindIs "invalid" $o.numGpus) }}
 {{- $_ := set $opts "num_gpus" $o.numGpus }}
+{{- end }}
+{{- if and (eq $d.name "Gateway") $.Values.gateway.direct.enabled }}
+{{- /* Pinned to the pods behind <release>-gateway-direct (the head): see gazsi.gatewayResource. */}}
+{{- $_ := set $opts "resources" (merge (dict (include "gazsi.gatewayResource" $) 1) ($opts.resources | default dict)) }}
 {{- end }}
 {{- if $opts }}
 {{- $_ := set $d "ray_actor_options" $opts }}

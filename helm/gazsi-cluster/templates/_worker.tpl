@@ -7,6 +7,7 @@ Kubernetes requires that for extended resources and hugepages.
 {{- define "gazsi.workerGroup" -}}
 {{- $ctx := .ctx }}
 {{- $g := .group }}
+{{- $edgeTLS := include "gazsi.groupEdgeTLS" . }}
 {{- $res := deepCopy ($g.resources | default dict) }}
 {{- $req := $res.requests | default dict }}
 {{- $lim := $res.limits | default dict }}
@@ -49,6 +50,8 @@ Kubernetes requires that for extended resources and hugepages.
         {{- include "gazsi.labels" $ctx | nindent 8 }}
         app.kubernetes.io/component: worker
         gazsi.io/worker-group: {{ .name }}
+        # What this group's edges serve on edge.port: the edge Services select on it.
+        gazsi.io/edge-scheme: {{ include "gazsi.edgeScheme" . }}
       {{- with $g.podAnnotations }}
       annotations:
         {{- toYaml . | nindent 8 }}
@@ -76,7 +79,11 @@ Kubernetes requires that for extended resources and hugepages.
           env:
             - name: GAZSI_EDGE__DATAPLANE
               value: {{ $g.dataplane | quote }}
-            {{- include "gazsi.env" $ctx | nindent 12 }}
+            # No direct gateway listener on workers: with gateway.direct the gateways run on the head only;
+            # without it a gateway placed here serves through Serve's proxy and leaves metrics.port alone.
+            - name: GAZSI_GATEWAY__PORT
+              value: "0"
+            {{- include "gazsi.env" (dict "ctx" $ctx "edgeTLS" $edgeTLS) | nindent 12 }}
             {{- with $g.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from gazsi_cluster.auth.admin import KeyAdmin
+from gazsi_cluster.auth.factory import open_store
 from gazsi_cluster.auth.shared_limits import SharedBuckets
-from gazsi_cluster.auth.store import open_store
 from tests.support.auth_hammer import run_hammers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]

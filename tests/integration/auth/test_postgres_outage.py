@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
 from gazsi_cluster.errors import ServiceUnavailable
+from tests.support.required import unavailable
 from tests.support.services import ThrowawayPostgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -20,9 +20,7 @@ async def test_database_down_cached_keys_live_until_ttl_uncached_get_503(tmp_pat
     try:
         pg.start()
     except Exception as exc:
-        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
-            raise
-        pytest.skip(f"PostgreSQL unavailable: {exc!r}")
+        unavailable(f"PostgreSQL unavailable: {exc!r}")
     settings = load_settings(data_dir=str(tmp_path), auth={"database_url": pg.url, "key_env": "test"})
     auth = build_authorizer(settings)
     await auth.start()

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from gazsi_cluster.auth.factory import build_authorizer
-from gazsi_cluster.auth.store import open_store
+from gazsi_cluster.auth.factory import build_authorizer, open_store
 from gazsi_cluster.config import Settings, load_settings
 from gazsi_cluster.errors import AuthenticationError
 from tests.support.auth_hammer import run_hammers

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from gazsi_cluster.auth.admin import KeyAdmin
+from gazsi_cluster.auth.factory import open_store
 from gazsi_cluster.auth.keys import UsageRow, hash_key
-from gazsi_cluster.auth.store import JournalSegment, KeyStore, open_store
+from gazsi_cluster.auth.store import JournalSegment, KeyStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

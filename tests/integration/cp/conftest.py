@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import pytest
 
 from gazsi_cluster.config import Settings, load_settings
+from tests.support.required import unavailable
 
 
 @pytest.fixture
@@ -26,9 +26,7 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         import pgserver
     except ImportError:
-        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
-            raise
-        pytest.skip("pgserver not installed (pip install -e '.[dev]')")
+        unavailable("pgserver is not installed (pip install -e '.[dev]')")
     server: Any = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
     try:
         yield server.get_uri()

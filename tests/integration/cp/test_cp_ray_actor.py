@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ray_env import fresh_home_env
+from tests.support.ray_env import fresh_home_env, require_own_home
+from tests.support.required import unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -23,11 +24,11 @@ _INSIDE = "GAZSI_TEST_IN_NETNS"
 
 def test_ray_actor_in_private_netns() -> None:
     if os.environ.get(_INSIDE) == "1":
-        pytest.skip("outer wrapper only")  # never reached: the inner run selects test_actor_inside by id
+        # Never reached in practice (the inner run selects test_actor_inside by id); here it would open a
+        # namespace inside the namespace.
+        pytest.skip("inside the private namespace only test_actor_inside runs")
     if shutil.which("unshare") is None:
-        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
-            pytest.fail("unshare is missing; cannot isolate Ray's network")
-        pytest.skip("unshare not available to isolate Ray")
+        unavailable("unshare is missing: Ray's network cannot be isolated")
     here = Path(__file__).resolve()
     cmd = (f"ip link set lo up && {_INSIDE}=1 {sys.executable} -m pytest -q -p no:cacheprovider "
            f"'{here}::test_actor_inside' -o addopts='' --timeout 200")
@@ -35,9 +36,7 @@ def test_ray_actor_in_private_netns() -> None:
     proc = subprocess.run(["unshare", "-n", "bash", "-c", cmd], capture_output=True, text=True, timeout=230,
                           cwd=here.parents[3], env=fresh_home_env())
     if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
-        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"unshare -n not permitted (GAZSI_REQUIRE_SERVICES=1): {proc.stderr[:300]}")
-        pytest.skip("unshare -n not permitted here")
+        unavailable(f"unshare -n is not permitted here: {proc.stderr[:300]}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout
 
@@ -55,6 +54,7 @@ def test_actor_inside(tmp_path: Path) -> None:
     from gazsi_cluster.config import load_settings
     from tests.support.agents import agent_for_link
 
+    require_own_home()  # ray.init(address="local") writes ~/.ray/auth_token: never into the user's HOME
     settings = load_settings(data_dir=str(tmp_path), control_plane={"join_token": "t0k"})
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
              num_cpus=2, log_to_driver=False)
@@ -71,7 +71,22 @@ def test_actor_inside(tmp_path: Path) -> None:
             await agent.beat()
             assert "ray-edge" in agent.table.by_id
 
+        async def refused_edge() -> None:
+            # A wrong token through the actor: Ray wraps the error, the agent still sees a refusal (no retry
+            # loop) and keeps the control plane's own words, not the remote traceback.
+            refusals: list[Exception] = []
+            agent = agent_for_link(settings, RayLink(handle), "ray-wrong-token", 9001, token="wrong", interval_s=0.05)
+            agent.on_refused = refusals.append
+            await agent.start()
+            for _ in range(200):
+                if refusals:
+                    break
+                await asyncio.sleep(0.05)
+            await agent.stop()
+            assert agent.state == "refused" and [str(e) for e in refusals] == ["invalid join token"]
+
         asyncio.run(edge_side())
+        asyncio.run(refused_edge())
         nodes = ray.get(handle.list_nodes.remote())
         assert [(n["node_id"], n["state"]) for n in nodes] == [("ray-edge", "healthy")]
         with pytest.raises(ray.exceptions.RayTaskError, match="invalid join token"):

@@ -16,18 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.support.ray_env import fresh_home_env
+from tests.support.required import unavailable
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def run_scenario(script: Path, *args: str, timeout_s: float) -> dict[str, Any]:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
-        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
-            pytest.fail("unshare/ip are required to isolate Ray (GAZSI_REQUIRE_SERVICES=1)")
-        pytest.skip("unshare/ip not available to isolate Ray's network")
+        unavailable("unshare/ip are missing: Ray's network cannot be isolated")
     quoted = " ".join(f"'{a}'" for a in (sys.executable, str(script), *args))
     proc = subprocess.run(
         ["unshare", "-n", "bash", "-c", f"ip link set lo up && exec {quoted}"],
@@ -36,9 +33,7 @@ def run_scenario(script: Path, *args: str, timeout_s: float) -> dict[str, Any]:
                                 PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))),
     )
     if proc.returncode != 0 and "Operation not permitted" in proc.stderr[:2000]:
-        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"unshare -n not permitted: {proc.stderr[:500]}")
-        pytest.skip("unshare -n not permitted here")
+        unavailable(f"unshare -n is not permitted here: {proc.stderr[:500]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT:")]
     assert proc.returncode == 0 and lines, (
         f"scenario failed (rc={proc.returncode})\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,18 +18,14 @@ import httpx
 import yaml
 
 from gazsi_cli.local_ray import ray_temp_dir, stop_local_ray
-from tests.support.ray_env import use_token_auth
+from gazsi_cli.ports import free_port
+from tests.support.ray_env import require_own_home, use_token_auth
 
 BIN = Path(sys.executable).parent
 # A user's own Ray cluster with token auth, set up the way the README says: RAY_AUTH_MODE=token
 # and RAY_AUTH_TOKEN_PATH for `ray start`, `serve deploy` and this driver alike.
 ENV = use_token_auth(Path(tempfile.mkdtemp(prefix="gazsi-ray-token-")))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sh(*cmd: str) -> str:
@@ -124,6 +119,7 @@ async def load_while(gateway: str, key: str, action, *, seconds: float, check_ed
 
 
 def main() -> None:
+    require_own_home()  # run by its test (run_scenario gives it an empty HOME), never in the user's
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="gazsi-e2e-"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,15 +22,12 @@ import httpx
 import psutil
 
 from gazsi_cli.local_ray import LocalRay
+from gazsi_cli.ports import free_port
+from tests.support.ray_env import require_own_home
 
 GAZSI = str(Path(sys.executable).parent / "gazsi")
 BASE = [GAZSI, "--log-level", "warning"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def printed_curl(out: str) -> str:
@@ -84,6 +80,9 @@ def first_run(data: Path, proxy: int, gw: int, env: dict[str, str], result: dict
     result.update(up_rc=proc.returncode, up_out=proc.stdout[-4000:], up_err=proc.stderr[-3000:])
     if proc.returncode != 0:
         return
+    # Once healthy, `up` says which data plane each edge runs and why (what the edge told the control plane).
+    result["dataplane_lines"] = [ln for ln in proc.stdout.splitlines()
+                                 if ln.startswith(("gazsi: edge ", "gazsi: the edges' data planes"))]
     found = re.search(r"admin key \(shown once, stored hashed\): (gz_[A-Za-z0-9_-]+)", proc.stdout)
     result["admin_key_shown"] = bool(found)
     if not found:
@@ -118,6 +117,7 @@ def first_run(data: Path, proxy: int, gw: int, env: dict[str, str], result: dict
 
 
 def main() -> None:
+    require_own_home()  # run by its test (run_scenario gives it an empty HOME), never in the user's
     data = Path(tempfile.mkdtemp(prefix="gazsi-up-"))
     proxy, gw = free_port(), free_port()
     env = dict(os.environ, GAZSI_GATEWAY__PORT=str(gw), GAZSI_ENGINE__ONNX_THREADS="1")

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,17 +24,14 @@ from typing import Any
 import httpx
 
 from gazsi_cli.local_ray import LocalRay
+from gazsi_cli.ports import free_port
+from tests.support.ray_env import require_own_home
 
 GAZSI = str(Path(sys.executable).parent / "gazsi")
 BASE = [GAZSI, "--log-level", "warning"]
 RPM = 24
 BODY = {"model": "all-MiniLM-L6-v2", "input": "hello world"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def keys(data: Path, env: dict[str, str], *args: str) -> Any:
@@ -117,6 +113,7 @@ def crash(data: Path, env: dict[str, str], urls: list[str], head: LocalRay) -> d
 
 
 def main() -> None:
+    require_own_home()  # run by its test (run_scenario gives it an empty HOME), never in the user's
     data = Path(tempfile.mkdtemp(prefix="gazsi-up2-"))
     proxy, gw = free_port(), free_port()
     env = dict(os.environ, GAZSI_GATEWAY__PORT=str(gw), GAZSI_ENGINE__ONNX_THREADS="1")

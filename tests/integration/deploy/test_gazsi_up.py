@@ -7,6 +7,7 @@ runs first in the suite (tests/conftest.py) so that order cannot hide a missing 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.fresh_machi
 
 def test_gazsi_up_from_an_empty_home_and_when_it_fails() -> None:
     r = run_scenario(Path(__file__).with_name("_up_scenario.py"), timeout_s=880)
-    print({k: r.get(k) for k in ("up_s", "first_embedding_s", "down_s", "second_up_s")})  # `pytest -s`
+    print({k: r.get(k) for k in ("up_s", "first_embedding_s", "down_s", "second_up_s", "dataplane_lines")})  # `pytest -s`
     assert r["up_rc"] == 0, r["up_out"] + r["up_err"]
+    # One line for the one edge: its data plane and why (`auto` here: the fast front, sized to the replica).
+    assert len(r["dataplane_lines"]) == 1, r["up_out"]
+    assert re.fullmatch(r"gazsi: edge \S+ at http://127\.0\.0\.1:\d+: data plane (fast|gpu|gpunetio) "
+                        r"\(auto: .+\)", r["dataplane_lines"][0]), r["dataplane_lines"]
+    assert "data plane fast" not in r["dataplane_lines"][0] or re.search(r" — \d+ HTTP workers?\)$",
+                                                                           r["dataplane_lines"][0])
     assert r["admin_key_shown"], r["up_out"]
     assert r["direct_url_printed"], r["up_out"]
     assert r["db_files"]  # the embedded SQLite store exists…

@@ -3,12 +3,14 @@ started the way users start it (`gazsi edge serve`)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edge_node.tokenization import TextTokenizer
 from gazsi_cluster.model import load_model_spec
@@ -123,9 +125,23 @@ async def test_models_health_and_metrics(edge) -> None:
     assert (await client.get("/healthz")).status_code == 200
     ready = (await client.get(served.admin + "/readyz")).json()
     assert ready["engine"]["backend"] == "onnx-cpu"
-    await client.post("/v1/embeddings", json={"input": "count me", "model": MODEL})
+    def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        families = list(text_string_to_metric_families(text))
+        names = [f.name for f in families]
+        assert len(names) == len(set(names)), f"families repeated in one scrape: {sorted(names)}"
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+    ok = ("gazsi_requests_total", (("route", "/v1/embeddings"), ("status", "200")))
+    before = scrape((await client.get(served.admin + "/metrics")).text)
+    # Spread over the workers (the fast front's 2 processes): one scrape must count every one of them.
+    rs = await asyncio.gather(*(client.post("/v1/embeddings", json={"input": f"count me {i}", "model": MODEL})
+                                for i in range(12)))
+    assert [r.status_code for r in rs] == [200] * 12
     text = (await client.get(served.admin + "/metrics")).text
-    assert 'gazsi_requests_total{route="/v1/embeddings",status="200"}' in text
+    after = scrape(text)
+    assert after[ok] - before.get(ok, 0.0) == 12
+    assert after[("gazsi_inputs_total", ())] - before.get(("gazsi_inputs_total", ()), 0.0) == 12
+    assert after[("gazsi_batch_size_count", ())] > before.get(("gazsi_batch_size_count", ()), 0.0)
     assert "gazsi_batch_size_bucket" in text
     assert 'gazsi_stage_latency_seconds_bucket{le="0.001",stage="inference"}' in text
     assert "gazsi_batch_inference_seconds_bucket" in text

@@ -33,7 +33,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _workers(pid: int) -> list[int]:
-    return [p for p in _children(pid) if b"edge_node.transports.fast.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [p for p in _children(pid) if b"edge_node.worker_process" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def _alive(pid: int) -> bool:

@@ -34,6 +34,7 @@ from deploy._serve_scenario import (
 )
 
 from gazsi_cli.local_ray import ray_temp_dir, stop_local_ray
+from tests.support.ray_env import require_own_home
 
 EDGES = 2
 WARM_S = 3.0          # load before the kill
@@ -196,6 +197,7 @@ async def load_and_restart(gateway: str, key: str, handle: Any, edge_ids: set[st
 
 
 def main() -> None:
+    require_own_home()  # run by its test (run_scenario gives it an empty HOME), never in the user's
     import ray
 
     from control_plane.actor import ACTOR_NAME, NAMESPACE

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import shutil
 import tempfile
 import time
@@ -17,6 +16,7 @@ from edge_node.engines.fake import FakeEngine
 from edge_node.node import EdgeNode
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.config import load_settings
+from tests.support.required import unavailable
 from tests.support.services import ThrowawayPostgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -42,9 +42,7 @@ async def test_usage_survives_a_10s_database_outage_under_load(tmp_path: Path) -
     try:
         pg.start()
     except Exception as exc:
-        if os.environ.get("GAZSI_REQUIRE_SERVICES") == "1":
-            raise
-        pytest.skip(f"PostgreSQL unavailable: {exc!r}")
+        unavailable(f"PostgreSQL unavailable: {exc!r}")
     settings = load_settings(
         data_dir=str(tmp_path), engine={"backend": "fake"}, edge={"dataplane": "asgi", "port": 0},
         # The in-process key cache must outlive the outage for cached keys to keep working.

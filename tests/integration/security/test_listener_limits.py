@@ -130,6 +130,21 @@ async def test_stalled_body_closes_the_connection(tmp_path: Path, dataplane: str
         assert inputs_embedded(server) == 0
 
 
+async def test_a_pipelined_request_whose_headers_never_end_gets_408(tmp_path: Path, dataplane: str) -> None:
+    """The answer to the first request must not turn the second's header deadline into an idle one."""
+    async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
+        def pipelined() -> tuple[bytes, float]:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                t0 = time.monotonic()
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: e\r\n\r\nGET /healthz HTTP/1.1\r\nHost: e\r\nX-Slow: 1\r\n")
+                return read_all(s), time.monotonic() - t0
+        raw, took = await asyncio.to_thread(pipelined)
+        first, _, rest = raw.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200")
+        assert b"HTTP/1.1 408" in rest, raw[-300:]
+        assert took < 4.0  # header_timeout_s is 0.5 here: cut off, not left until the client gave up
+
+
 async def test_idle_keep_alive_close_is_eof_not_timeout(tmp_path: Path, dataplane: str) -> None:
     async with running_edge(tmp_path, dataplane=dataplane) as (server, _):
         def idle() -> str:

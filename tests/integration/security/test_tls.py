@@ -42,7 +42,6 @@ def test_gazsi_certs_create_writes_a_chain(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_server_context_floor_is_tls12() -> None:
-    pytest.importorskip("cryptography")
     certs = create_deployment_certs(Path(__import__("tempfile").mkdtemp()))
     assert server_context(certs.server_cert, certs.server_key).minimum_version == ssl.TLSVersion.TLSv1_2
 

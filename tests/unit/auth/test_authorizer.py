@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from gazsi_cluster.auth.authorizer import KeyAuthorizer
+from gazsi_cluster.auth.factory import open_store
 from gazsi_cluster.auth.keys import KeyRecord, UsageRow, display_prefix, generate_key, hash_key, parse_bearer
-from gazsi_cluster.auth.store import open_store
 from gazsi_cluster.config import AuthConfig
 from gazsi_cluster.errors import (
     AuthenticationError,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from gazsi_cluster.auth.authorizer import KeyAuthorizer
+from gazsi_cluster.auth.factory import open_store
 from gazsi_cluster.auth.limits import LocalRateLimiter, limit_name
 from gazsi_cluster.auth.shared_limits import SharedBuckets
-from gazsi_cluster.auth.store import open_store
 from gazsi_cluster.config import AuthConfig
 from gazsi_cluster.errors import (
     AuthenticationError,

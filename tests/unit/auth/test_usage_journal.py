@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from gazsi_cluster.auth.admin import KeyAdmin
+from gazsi_cluster.auth.factory import open_store
 from gazsi_cluster.auth.keys import UsageRow
-from gazsi_cluster.auth.store import KeyStore, open_store
+from gazsi_cluster.auth.store import KeyStore
 from gazsi_cluster.auth.usage import UsageBuffer
 from gazsi_cluster.auth.usage_journal import UsageJournal, read_journals, read_segment
 from gazsi_cluster.errors import ServiceUnavailable

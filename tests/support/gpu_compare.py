@@ -1,13 +1,17 @@
-"""Turn a parser result row (GPU kernel or host build) into a :class:`ParsedRequest` to compare."""
+"""Turn a parser result row (GPU kernel or host build) into a :class:`ParsedRequest` to compare.
+
+A test helper (the unit test of the host build and the GPU kernel test): it lives here, not in the
+installed ``edge_node.transports.gpu`` package.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import _layout as L
-from ._reference import ParsedRequest
+from edge_node.transports.gpu import _layout as L
+from edge_node.transports.gpu._reference import ParsedRequest
 
-__all__ = ["row_to_parsed"]
+__all__ = ["normalise", "row_to_parsed"]
 
 
 def row_to_parsed(row: np.ndarray, d: bytes) -> ParsedRequest:

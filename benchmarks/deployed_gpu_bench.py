@@ -1,0 +1,199 @@
+"""What users deploy, measured like the standalone node (issue 14): ``gazsi up --profile gpu``.
+
+Same model (random-weight MiniLM fp16, prepared as in ``h100_bench.py``), same wrk load (4 threads
+on the last 4 cores, the cluster pinned to the others), cache off, auth off (as the standalone runs
+of ``h100_bench.py``), inputs that do not repeat within a body set of 64:
+
+    python3 benchmarks/deployed_gpu_bench.py --out $OUT --wrk .carry/perf/wrk --model-src .carry/perf/model
+
+Paths: the edge URL that ``GET /v1/route`` names (the CDN path), the gateway's direct listener
+(:8080) and Ray Serve's proxy (:8000). Single-input at c=256 (``--conns``), 32-input at c=64 on the edge, and
+p50 at ~10 % of the edge's own saturation. ``--standalone`` first runs ``gazsi edge serve`` with the
+settings an Edge replica of that profile gets (the profile's defaults, the Serve config's Edge
+``user_config``, the worker count its ``num_cpus`` gives) under the same load, so the deployed edge is
+compared with a standalone node inside one run (machine starts differ by ~25 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.h100_bench import CORES, Wrk, paced, prepare_model  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def gazsi(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    cmd = ["taskset", "-c", CORES["server"], sys.executable, "-c",
+           "import sys; from gazsi_cli.main import main; sys.exit(main(sys.argv[1:]))", *args]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _ok(r: dict[str, Any]) -> dict[str, Any]:
+    """wrk counts every answer as a request: ``ok_rps`` counts the 2xx ones (a 429 storm is not throughput)."""
+    r["ok_rps"] = (r["requests"] - r["errors"]) / (r["duration_us"] / 1e6) if r.get("duration_us") else 0.0
+    return r
+
+
+def replica_equivalent(profile: str, env: dict[str, str], path: Path, port: int) -> tuple[Path, int]:
+    """A config file for ``gazsi edge serve`` with what an Edge replica of ``profile`` runs, and its workers."""
+    import yaml
+
+    from deployments._settings import apply_user_config, replica_settings
+
+    serve_cfg = yaml.safe_load((ROOT / "deployments" / f"{profile}.yaml").read_text())
+    edge = next(d for a in serve_cfg["applications"] for d in a.get("deployments", []) if d["name"] == "Edge")
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("GAZSI_")})
+    try:
+        settings = apply_user_config(replica_settings(profile), edge.get("user_config") or {})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    # As deployments/edge.py sizes the fast front: the replica's CPUs less 2, at least 1.
+    workers = settings.edge.workers or max(1, int(float(edge.get("ray_actor_options", {}).get("num_cpus", 1))) - 2)
+    dump = settings.model_dump(mode="json")
+    dump["edge"].update(host="127.0.0.1", port=port, admin_port=port + 1, workers=workers)
+    path.write_text(yaml.safe_dump(dump))
+    return path, workers
+
+
+def run_standalone(args: argparse.Namespace, env: dict[str, str], out: Path, wrk: Wrk) -> dict[str, Any]:
+    cfg, workers = replica_equivalent(args.profile, env, out / "standalone.yaml", 8300)
+    log(f"standalone gazsi edge serve ({workers} workers, the {args.profile} Edge replica's settings)")
+    logf = (out / "standalone.log").open("wb")
+    cmd = ["taskset", "-c", CORES["server"], sys.executable, "-c",
+           "import sys; from gazsi_cli.main import main; sys.exit(main(sys.argv[1:]))",
+           "--config", str(cfg), "edge", "serve"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    res: dict[str, Any] = {"workers": workers}
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gazsi edge serve exited with {proc.returncode}")
+            try:
+                if get_json("http://127.0.0.1:8301/readyz").get("ready"):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.5)
+        url = "http://127.0.0.1:8300"
+        res["single"] = r = _ok(wrk.run(url, "single", args.conns, args.duration))
+        log(f"standalone single c={args.conns}: {r['rps']:,.0f} req/s ({r['ok_rps']:,.0f} 2xx/s) "
+            f"p50 {r['p50'] / 1000:.2f} ms errors {r['errors']}")
+        res["batch32_c64"] = r = _ok(wrk.run(url, "batch32", 64, args.duration))
+        log(f"standalone batch32 c=64: {r['ok_rps'] * 32:,.0f} seq/s in 2xx answers, errors {r['errors']}")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--wrk", type=Path, required=True)
+    ap.add_argument("--model-src", type=Path, required=True)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--profile", default="gpu")
+    ap.add_argument("--backend", default="torch-cuda", help="onnx-cpu with --profile cpu: a dry run off the GPU")
+    ap.add_argument("--server-cores", default=CORES["server"], help="taskset list for the cluster")
+    ap.add_argument("--wrk-cores", default=CORES["wrk"], help="taskset list for wrk")
+    ap.add_argument("--conns", type=int, default=256, help="connections of the single-input runs")
+    ap.add_argument("--standalone", action="store_true", help="first the same edge standalone (gazsi edge serve)")
+    args = ap.parse_args()
+    CORES.update(server=args.server_cores, wrk=args.wrk_cores)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model(args.model_src, Path("/tmp/gz-model")) if args.backend == "torch-cuda" else args.model_src
+    home = Path(tempfile.mkdtemp(prefix="gz-deployed-home-"))
+    env = {**os.environ, "HOME": str(home), "GAZSI_DATA_DIR": str(home / "data"),
+           "GAZSI_ENGINE__BACKEND": args.backend, "GAZSI_ENGINE__MODEL_DIR": str(model_dir),
+           "GAZSI_AUTH__ENABLED": "false", "GAZSI_CACHE__ENABLED": "false", "GAZSI_LOG_LEVEL": "warning",
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    results: dict[str, Any] = {"argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "cache": "off", "auth": "off", "paths": {}}
+
+    def save() -> None:
+        (out / "deployed_gpu_bench.json").write_text(json.dumps(results, indent=1))
+
+    if args.standalone:
+        try:
+            results["standalone"] = run_standalone(args, env, out, Wrk(args.wrk, out))
+        except Exception as exc:
+            results["standalone"] = {"error": repr(exc)}
+        save()
+    t0 = time.perf_counter()
+    up = gazsi(["up", "--profile", args.profile, "--timeout", "420"], env, timeout=480)
+    results["up_s"] = round(time.perf_counter() - t0, 1)
+    (out / "gazsi_up.log").write_text(up.stdout + "\n--- stderr\n" + up.stderr)
+    log(f"gazsi up rc={up.returncode} in {results['up_s']} s")
+    try:
+        if up.returncode != 0:
+            results["error"] = f"gazsi up failed: {up.stderr[-2000:]}"
+            return 1
+        route = get_json("http://127.0.0.1:8080/v1/route")
+        results["route"] = route
+        edge = str(route["url"]).rstrip("/")
+        log(f"/v1/route names {edge}")
+        wrk = Wrk(args.wrk, out)
+        paths = {"edge (/v1/route)": edge, "gateway direct :8080": "http://127.0.0.1:8080",
+                 "serve proxy :8000": "http://127.0.0.1:8000"}
+        for name, url in paths.items():
+            r = _ok(wrk.run(url, "single", args.conns, args.duration))
+            results["paths"].setdefault(name, {})["single"] = r
+            log(f"{name:22s} single c={args.conns}: {r['rps']:,.0f} req/s ({r['ok_rps']:,.0f} 2xx/s) "
+                f"p50 {r['p50'] / 1000:.2f} ms errors {r['errors']}")
+            save()
+        r = _ok(wrk.run(edge, "batch32", 64, args.duration))
+        results["paths"]["edge (/v1/route)"]["batch32_c64"] = r
+        log(f"edge batch32 c=64: {r['ok_rps'] * 32:,.0f} seq/s in 2xx answers, p50 {r['p50'] / 1000:.2f} ms "
+            f"errors {r['errors']}")
+        sat = results["paths"]["edge (/v1/route)"]["single"]["ok_rps"]
+        conns, delay = paced(0.1 * sat)
+        r = wrk.run(edge, "single", conns, args.duration, delay)
+        results["paths"]["edge (/v1/route)"]["paced_10pct"] = r
+        log(f"edge paced ~10 %: {r['rps']:,.0f} req/s p50 {r['p50'] / 1000:.2f} ms")
+        alone = results.get("standalone", {}).get("single")
+        if alone and alone.get("ok_rps"):
+            results["edge_vs_standalone"] = round(sat / alone["ok_rps"], 3)
+            log(f"deployed edge / standalone (single-input, 2xx answers): {results['edge_vs_standalone']:.3f}")
+        status = gazsi(["status"], env, timeout=60)
+        (out / "gazsi_status.log").write_text(status.stdout + status.stderr)
+        save()
+        return 0
+    finally:
+        t1 = time.perf_counter()
+        down = gazsi(["down"], env, timeout=120)
+        results["down_s"] = round(time.perf_counter() - t1, 1)
+        (out / "gazsi_down.log").write_text(down.stdout + "\n--- stderr\n" + down.stderr)
+        log(f"gazsi down rc={down.returncode} in {results['down_s']} s")
+        save()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

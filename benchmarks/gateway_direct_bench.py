@@ -1,0 +1,141 @@
+"""The gateway's direct listener alone: FastAPI on uvicorn (before) vs ``DirectGateway`` on ``HttpListener``.
+
+One edge (``gazsi edge serve``, fast front; the fake engine by default so the edge is not the limit),
+one gateway process per variant with a fixed routing table to it, the same wrk load (single-input
+``POST /v1/embeddings``, inputs that do not repeat within 64 bodies). Reports 2xx answers per second and
+the gateway process's CPU per request:
+
+    python3 benchmarks/gateway_direct_bench.py --wrk .carry/perf/wrk --out /tmp/gwbench \\
+        --gateway-cores 0 --edge-cores 1 --wrk-cores 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.h100_bench import CORES, Wrk  # noqa: E402
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+def serve_gateway(variant: str, edge_url: str, port: int) -> None:
+    """The gateway process: one variant of the direct listener in front of ``edge_url``."""
+    from gazsi_cluster.auth import AllowAll
+    from gazsi_cluster.config import load_settings
+    from gazsi_cluster.gateway import DirectGateway, Gateway, create_gateway_app
+    from gazsi_cluster.http.hardening import listener_options
+    from gazsi_cluster.http.listener import HttpListener, bind_socket
+    from gazsi_cluster.http.server import start_server
+    from gazsi_cluster.routing import NodeEntry, RoutingTable
+
+    async def main() -> None:
+        settings = load_settings(auth={"enabled": False})
+        table = RoutingTable(1, 1, (NodeEntry("e1", edge_url, models=(MODEL,)),))
+        gateway = Gateway(settings, authorizer=AllowAll(), table=lambda: table)
+        if variant == "fastapi":
+            await start_server(create_gateway_app(gateway), "127.0.0.1", port, **listener_options(settings.limits))
+        else:
+            listener = HttpListener(DirectGateway(gateway, create_gateway_app(gateway)).handle, settings.limits)
+            await listener.start(bind_socket("127.0.0.1", port))
+        await asyncio.Event().wait()
+
+    import uvloop
+
+    uvloop.run(main())
+
+
+def wait_ok(url: str, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready")
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--wrk", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--backend", default="fake")
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--gateway-cores", default="0")
+    ap.add_argument("--edge-cores", default="1")
+    ap.add_argument("--wrk-cores", default="1")
+    ap.add_argument("--serve", choices=["fastapi", "direct"], help=argparse.SUPPRESS)
+    ap.add_argument("--edge-url", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=8410, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve_gateway(args.serve, args.edge_url, args.port)
+        return 0
+    CORES["wrk"] = args.wrk_cores
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GAZSI_AUTH__ENABLED": "false", "GAZSI_CACHE__ENABLED": "false",
+           "GAZSI_LOG_LEVEL": "warning", "GAZSI_DATA_DIR": str(out / "data"),
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    edge = subprocess.Popen(
+        ["taskset", "-c", args.edge_cores, sys.executable, "-m", "gazsi_cli.main", "edge", "serve", "--port", "8400",
+         "--admin-port", "8401", "--workers", "1", "--backend", args.backend, "--no-auth"],
+        env=env, cwd=ROOT, stdout=(out / "edge.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv,
+                               "backend": args.backend, "conns": args.conns, "variants": {}}
+    wrk = Wrk(args.wrk, out)
+    try:
+        wait_ok("http://127.0.0.1:8401/readyz")
+        for variant in ("fastapi", "direct"):
+            gw = subprocess.Popen(
+                ["taskset", "-c", args.gateway_cores, sys.executable, str(Path(__file__).resolve()), "--wrk", "-",
+                 "--out", "-", "--serve", variant, "--edge-url", "http://127.0.0.1:8400", "--port", str(args.port)],
+                env=env, cwd=ROOT, stdout=(out / f"gateway_{variant}.log").open("wb"), stderr=subprocess.STDOUT,
+                start_new_session=True)
+            try:
+                wait_ok(f"http://127.0.0.1:{args.port}/healthz")
+                url = f"http://127.0.0.1:{args.port}"
+                wrk.run(url, "single", args.conns, 2)  # warm-up
+                c0 = cpu_s(gw.pid)
+                r = wrk.run(url, "single", args.conns, args.duration)
+                c1 = cpu_s(gw.pid)
+                ok = r["requests"] - r["errors"]
+                r["ok_rps"] = ok / (r["duration_us"] / 1e6)
+                r["gateway_cpu_ms_per_req"] = (c1 - c0) * 1e3 / max(1, ok)
+                results["variants"][variant] = r
+                print(f"{variant:8s}: {r['ok_rps']:9,.0f} 2xx/s  p50 {r['p50'] / 1e3:6.2f} ms  errors {r['errors']}  "
+                      f"gateway CPU {r['gateway_cpu_ms_per_req']:.3f} ms/request", flush=True)
+            finally:
+                os.killpg(gw.pid, signal.SIGTERM)
+                gw.wait(20)
+    finally:
+        os.killpg(edge.pid, signal.SIGTERM)
+        edge.wait(30)
+        (out / "gateway_direct_bench.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

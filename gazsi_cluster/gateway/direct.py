@@ -1,0 +1,79 @@
+"""The gateway's direct listener without an ASGI framework on the hot path (issue 14).
+
+Every gateway replica serves the public API on ``gateway.port`` beside Serve's proxy. Through
+uvicorn and FastAPI one replica forwarded ~4,000 req/s on the H200 while the edge behind it served
+42,000: the convenience path was the bottleneck. Here the two data routes, ``POST /v1/embeddings`` and
+``GET /inference``, are checked and forwarded by :class:`DirectGateway` on the same
+:class:`~gazsi_cluster.http.listener.HttpListener` the edges' fast front uses (its limits, its TLS);
+every other route (models, ``/v1/route``, admin, health, metrics) goes to the gateway's FastAPI app
+in this process (:func:`~gazsi_cluster.http.asgi.call_asgi`), so the API, the error bodies and the
+metrics are the same as on Serve's proxy.
+
+>>> direct = DirectGateway(gateway, create_gateway_app(gateway))              # doctest: +SKIP
+>>> listener = HttpListener(direct.handle, settings.limits, ssl_context=ctx)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from gazsi_cluster.gateway.core import Gateway
+from gazsi_cluster.http.asgi import call_asgi, translate
+from gazsi_cluster.http.errors import error_reply
+from gazsi_cluster.http.wire import HttpReply, HttpRequest
+from gazsi_cluster.protocol import EmbeddingRequest, invalid_request
+
+__all__ = ["DirectGateway"]
+
+
+def _embedding_request(body: bytes) -> EmbeddingRequest:
+    """Validate as FastAPI does for the app's route, so both paths give the same 400 for the same body."""
+    if not body:
+        raise invalid_request([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise invalid_request([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]) from None
+    try:
+        return EmbeddingRequest.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_request([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+class DirectGateway:
+    """``handle`` answers one request: the data routes here, the rest through ``app``."""
+
+    def __init__(self, gateway: Gateway, app: FastAPI) -> None:
+        self.gateway, self.app = gateway, app
+        # The app's request metrics (route, status, sent, received), so /metrics counts both paths.
+        self.observe: Any = app.state.observe
+
+    async def handle(self, request: HttpRequest) -> HttpReply:
+        if request.path == "/v1/embeddings" and request.method == "POST":
+            route, run = "/v1/embeddings", self._embeddings
+        elif request.path == "/inference" and request.method in ("GET", "HEAD"):
+            route, run = "/inference", self._inference
+        else:
+            return await call_asgi(self.app, request)
+        try:
+            reply = await run(request)
+        except Exception as exc:  # one error mapping, as the app's handlers
+            reply = error_reply(translate(exc))
+        self.observe(route, reply.status, time.perf_counter(), request.received)
+        return reply
+
+    async def _embeddings(self, request: HttpRequest) -> HttpReply:
+        return await self.gateway.embeddings(_embedding_request(request.body), request.body, request.headers)
+
+    async def _inference(self, request: HttpRequest) -> HttpReply:
+        d = None
+        for key, value in parse_qsl(request.query, keep_blank_values=True):
+            if key == "d":
+                d = value  # the last one wins, as in Starlette's QueryParams
+        return await self.gateway.inference(d, request.headers)

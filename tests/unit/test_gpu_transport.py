@@ -1,0 +1,155 @@
+"""The gpu transport's CPU pieces, without sockets or a GPU: TLS refusal, header splice, head parse, builds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edge_node.encode import inference_body
+from edge_node.pages import CONTACTS_HTML, INDEX_HTML
+from edge_node.transports.gpu import _layout as L
+from edge_node.transports.gpu._head import hot_headers, needs_cpu_query, parse_head
+from edge_node.transports.gpu.kernels import jobs_for
+from edge_node.transports.gpu.server import GpuTransport, with_headers
+from gazsi_cluster.config import load_settings
+from gazsi_cluster.errors import ConfigError, HeadersTooLarge, InvalidRequest
+from gazsi_cluster.http.wire import HttpReply, render, render_head
+from tests.support.gpu_plane import ReferenceDevice, build_reference
+
+pytestmark = pytest.mark.unit
+
+
+def _tls_settings(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from gazsi_cluster.tls import create_deployment_certs
+
+    certs = create_deployment_certs(tmp_path / "tls")
+    return load_settings(data_dir=str(tmp_path), engine={"backend": "fake"}, edge={
+        "dataplane": "gpu", "tls": {"certfile": str(certs.server_cert), "keyfile": str(certs.server_key)}})
+
+
+def test_gpu_transport_refuses_tls_and_says_why(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot serve TLS: its CUDA kernels parse and build plaintext HTTP"):
+        GpuTransport(SimpleNamespace(settings=_tls_settings(tmp_path)))  # type: ignore[arg-type]
+
+
+def test_a_node_on_the_gpu_plane_with_tls_refuses_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # This machine has no GPU, so the node would fall back to fast; pretend the hardware said gpu.
+    import edge_node.node as node_module
+
+    monkeypatch.setattr(node_module, "choose_dataplane", lambda requested: ("gpu", "test: a GPU is present"))
+    with pytest.raises(ConfigError, match=r"edge\.tls is set but the gpu data plane cannot serve TLS"):
+        node_module.EdgeNode(_tls_settings(tmp_path))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_spliced_headers_are_where_the_renderer_writes_them(keep: bool) -> None:
+    body = b'{"input":"x"}'
+    headers = [("X-RateLimit-Limit-Requests", "3"), ("X-Gazsi-Cache", "miss"), ("Server-Timing", "total;dur=1")]
+    built = render(HttpReply(200, body), keep_alive=keep)  # what the build kernel writes (no extras)
+    assert with_headers(built, headers) == render(HttpReply(200, body, headers), keep_alive=keep)
+    head_only = render_head(HttpReply(200, body), keep_alive=keep)
+    assert with_headers(head_only, headers) == render_head(HttpReply(200, body, headers), keep_alive=keep)
+    assert with_headers(built, []) is built
+
+
+def test_head_parse_counts_as_the_listener_and_refuses_alike() -> None:
+    head = (b"POST /v1/embeddings?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\nExpect: 100-continue\r\n"
+            b"Authorization: Bearer a\r\nauthorization: Bearer b\r\n\r\n")
+    p = parse_head(head, max_headers=100, max_header_bytes=16384)
+    assert (p.method, p.path, p.query, p.content_length, p.keep_alive) == ("POST", "/v1/embeddings", "x=1", 12, True)
+    assert p.expect_continue and p.headers["authorization"] == "Bearer b"  # the last one, as HttpListener
+    assert not parse_head(b"GET / HTTP/1.0\r\n\r\n", max_headers=8, max_header_bytes=1024).keep_alive
+    assert parse_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", max_headers=8,
+                      max_header_bytes=1024).chunked
+    with pytest.raises(HeadersTooLarge, match=r"\(8 fields, 1024 bytes\)"):
+        parse_head(b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 9 + b"\r\n", max_headers=8, max_header_bytes=1024)
+    with pytest.raises(HeadersTooLarge):
+        parse_head(b"GET / HTTP/1.1\r\nX: " + b"a" * 1100 + b"\r\n\r\n", max_headers=8, max_header_bytes=1024)
+    with pytest.raises(InvalidRequest, match="Invalid HTTP request"):
+        parse_head(b"GET / HTTP/1.1\r\nX: 1\r\n folded\r\n\r\n", max_headers=8, max_header_bytes=1024)
+    with pytest.raises(InvalidRequest, match="protocol upgrades"):
+        parse_head(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n", max_headers=8,
+                   max_header_bytes=1024)
+
+
+def test_hot_headers_and_queries_python_reads_differently() -> None:
+    head = (b"GET /inference?d=x HTTP/1.1\r\nCache-Control:  no-cache \r\nX-Gazsi-Timing: 0\r\n"
+            b"x-gazsi-timing: 1\r\nX-Gazsi-Forwarded: n1\r\nX-Other: 1\r\n\r\n")
+    assert hot_headers(head, "Bearer k") == {"authorization": "Bearer k", "cache-control": "no-cache",
+                                             "x-gazsi-timing": "1", "x-gazsi-forwarded": "n1"}
+    assert "upgrade" in hot_headers(b"GET /index. HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", None)
+    for query, cpu in ((b"d=a+b%20c", False), (b"x=%41&d=y", False), (b"d%=y", True), (b"%64=y", True),
+                       (b"d=y#frag", True), (b"a&d=y", False)):
+        assert needs_cpu_query(query) is cpu, query
+
+
+def test_reference_device_builds_what_the_renderer_writes() -> None:
+    dev = ReferenceDevice(8)
+    heads = [b"GET /inference?d=caf%C3%A9 HTTP/1.1\r\nConnection: close\r\n\r\n",
+             b"HEAD /inference?d=x HTTP/1.1\r\n\r\n", b"GET /index. HTTP/1.1\r\n\r\n",
+             b"HEAD /contacts. HTTP/1.0\r\n\r\n", b"GET /nope HTTP/1.1\r\n\r\n"]
+    rows = dev.parse_admit(heads)
+    assert [int(r[L.R_STATUS]) for r in rows] == [200, 200, 200, 200, 404]
+    slots = [int(r[L.R_SLOT]) for r in rows]
+    assert slots[0] >= 0 and slots[1] >= 0 and slots[2:] == [-1, -1, -1]
+    canned = dev.build_canned(jobs_for(rows[2:4], [0, 0], [0, 0], [0, 0]))
+    assert canned[0] == render(HttpReply(200, INDEX_HTML, content_type="text/html; charset=utf-8"), keep_alive=True)
+    assert canned[1] == render_head(HttpReply(200, CONTACTS_HTML, content_type="text/html; charset=utf-8"),
+                                    keep_alive=False)
+    popped = dev.ring.pop_requests()
+    assert popped == slots[:2]
+    for slot in popped:
+        dev.ring.take(slot)
+        dev.ring.complete(slot, tokens=4, batch_size=2, inference_us=77, sample=[0.5, -0.25, 1e-7])
+    built = dev.build_ring(2)
+    sample = np.asarray([0.5, -0.25, 1e-7], dtype=np.float32)
+    body = inference_body("café", 4, sample, 77, 2)
+    assert dev.ring.response(built[0]) == render(HttpReply(200, body), keep_alive=False)
+    assert dev.ring.response(built[1]) == render_head(HttpReply(200, inference_body("x", 4, sample, 77, 2)),
+                                                      keep_alive=True)
+    for slot in built:
+        dev.ring.release(slot)
+    assert dev.ring.counts()["FREE"] == L.RING_N
+
+
+def test_reference_build_follows_the_kernel_layout() -> None:
+    dev = ReferenceDevice(1)
+    job = np.zeros(L.J_NFIELDS, dtype=np.int32)
+    job[L.J_KIND], job[L.J_TOKENS], job[L.J_BATCH], job[L.J_KEEPALIVE] = 1, 3, 1, 1
+    out = build_reference(job, [0.0, 1.0, float("nan")], b'q"\x01', dev.blob, dev.idx)
+    assert out.endswith(b'{"input":"q\\"\\u0001","tokens":3,"embedding_sample":[0.000000,1.000000,null],'
+                        b'"inference_time_us":0,"batch_size":1}')
+
+
+def test_gpu_modules_import_without_cupy() -> None:
+    # Every module of the package, in a fresh interpreter where importing cupy (or any CUDA binding) fails:
+    # GPU code loads on first use only.
+    code = (
+        "import importlib, importlib.abc, pkgutil, sys\n"
+        "class Deny(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('cupy', 'cupyx', 'cuda', 'torch', 'tensorrt', 'pycuda'):\n"
+        "            raise ImportError('denied: ' + name)\n"
+        "sys.meta_path.insert(0, Deny())\n"
+        "import edge_node.transports.gpu as pkg\n"
+        "names = [m.name for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + '.')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "print(len(names))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True)
+    assert int(out.stdout) >= 9  # server, device, feed, ring, kernels, control, _head, _layout, _reference
+
+
+def test_device_module_loads_cupy_only_when_used() -> None:
+    # The same guard, shown to bite: the CUDA device asks for cupy when it is made, not before.
+    code = ("import sys; sys.modules['cupy'] = None\n"
+            "from edge_node.transports.gpu.device import CudaDevice\n"
+            "try:\n    CudaDevice(8)\nexcept ImportError:\n    print('lazy')\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True)
+    assert out.stdout.strip() == "lazy"
