@@ -89,4 +89,8 @@ class EdgeDeployment(EdgeReplica):
         log.info("edge replica serving at %s (data plane %s: %s)", node.url, node.dataplane, node.dataplane_reason)
 
     async def __del__(self) -> None:
-        await self.node.stop()
+        # Serve calls this after a constructor that raised too (a bad model dir, a busy port): there
+        # may be no node yet, and an AttributeError here would bury the constructor's own error.
+        node = getattr(self, "node", None)
+        if node is not None:
+            await node.stop()

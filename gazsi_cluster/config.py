@@ -255,7 +255,16 @@ class EdgeConfig(_Section):
         "may use (all but two, at least one).",
     )
     ring_slots_per_worker: int = Field(
-        64, ge=1, le=4096, description="fast front: requests (chunks) one worker may have in flight; more get 429."
+        64, ge=1, le=4096, description="fast front: requests (chunks) one worker may have in flight; more wait "
+        "for a slot (ring_slot_wait_s, ring_waiters_per_worker).",
+    )
+    ring_slot_wait_s: float = Field(
+        0.5, gt=0, le=60, description="fast front: how long a request may wait, oldest first, for one of its "
+        "worker's ring slots when all are taken; then 429 with Retry-After.",
+    )
+    ring_waiters_per_worker: int = Field(
+        1024, ge=0, le=1_000_000, description="fast front: requests one worker may hold waiting for a ring slot; "
+        "more get 429 at once.",
     )
     ring_slot_inputs: int = Field(32, ge=1, le=4096, description="fast front: inputs one ring slot carries.")
     ring_slot_tokens: int = Field(

@@ -115,12 +115,101 @@ async def test_a_request_larger_than_a_slot_spans_several(ring: SlotRing) -> Non
     assert (await task).vectors.shape == (6, 8)
 
 
-async def test_no_free_slot_is_429_at_once(ring: SlotRing) -> None:
+async def test_no_free_slot_waits_then_429_with_retry_after(ring: SlotRing) -> None:
     ring.set_state(ENGINE_UP, generation=1)
-    emb, _ = _embedder(ring)
+    r, w = os.pipe()
+    emb = RingEmbedder(ring, 0, w, 2.0, slot_wait_s=0.1)
     emb._free.clear()
+    start = time.monotonic()
+    with pytest.raises(Overloaded) as info:
+        await emb.embed(_seqs(2), Timing())
+    assert 0.1 <= time.monotonic() - start < 0.5  # waited for a slot, bounded by slot_wait_s
+    assert info.value.retry_after == 1.0
+    assert emb.slot_waiters == 0  # the expired waiter no longer counts
+    os.close(r)
+    os.close(w)
+
+
+async def test_a_freed_slot_goes_to_the_oldest_waiter(ring: SlotRing) -> None:
+    ring.set_state(ENGINE_UP, generation=1)
+    emb, req_fd = _embedder(ring)
+    held = list(emb._free)
+    emb._free.clear()  # every slot busy
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        await emb.embed(_seqs(2), Timing())
+        order.append(i)
+
+    tasks = []
+    for i in range(3):
+        tasks.append(asyncio.create_task(one(i)))
+        await asyncio.sleep(0.01)  # arrival order 0, 1, 2
+    assert emb.slot_waiters == 3
+    emb._release(held[0])  # one slot comes back: each answered request hands it to the next waiter
+    for _ in range(3):
+        assert len(await _engine_once(emb, ring, req_fd)) == 1
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2] and emb.slot_waiters == 0
+
+
+async def test_a_newcomer_does_not_overtake_a_waiter(ring: SlotRing) -> None:
+    ring.set_state(ENGINE_UP, generation=1)
+    emb, req_fd = _embedder(ring)
+    held = list(emb._free)
+    emb._free.clear()
+    first = asyncio.create_task(emb.embed(_seqs(2), Timing()))
+    await asyncio.sleep(0.01)
+    emb._release(held[0])  # handed to the waiter, not left on the free list
+    assert emb._free == []
+    late = asyncio.create_task(emb.embed(_seqs(2), Timing()))
+    await asyncio.sleep(0.01)
+    assert emb.slot_waiters == 1  # the newcomer queues
+    await _engine_once(emb, ring, req_fd)
+    await first
+    late.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await late
+    assert emb.slot_waiters == 0
+
+
+async def test_past_the_waiter_bound_429_at_once(ring: SlotRing) -> None:
+    ring.set_state(ENGINE_UP, generation=1)
+    r, w = os.pipe()
+    emb = RingEmbedder(ring, 0, w, 2.0, slot_wait_s=5.0, max_waiters=2)
+    emb._free.clear()
+    waiting = [asyncio.create_task(emb.embed(_seqs(2), Timing())) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    start = time.monotonic()
     with pytest.raises(Overloaded):
         await emb.embed(_seqs(2), Timing())
+    assert time.monotonic() - start < 0.1
+    emb.fail_all()  # the engine went: the waiters get 503, not a hang
+    for t in waiting:
+        with pytest.raises(ServiceUnavailable):
+            await t
+    os.close(r)
+    os.close(w)
+
+
+async def test_a_cancelled_waiter_handed_a_slot_passes_it_on(ring: SlotRing) -> None:
+    ring.set_state(ENGINE_UP, generation=1)
+    emb, _ = _embedder(ring)
+    held = list(emb._free)
+    emb._free.clear()
+    a = asyncio.create_task(emb.embed(_seqs(2), Timing()))
+    b = asyncio.create_task(emb.embed(_seqs(2), Timing()))
+    await asyncio.sleep(0.01)
+    emb._release(held[0])  # a's future has the slot...
+    a.cancel()  # ...but a's client left before a ran
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    await asyncio.sleep(0.01)
+    assert emb.slot_waiters == 0 and held[0] in emb._waiting  # b got it and sent it to the node
+    b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await b
 
 
 async def test_down_marker_fails_in_flight_with_503(ring: SlotRing) -> None:

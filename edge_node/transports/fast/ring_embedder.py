@@ -8,6 +8,13 @@ saturation from 7.4k to 8.8k req/s; issue 13), and the node's slot batcher write
 the slot and the index into this worker's response pipe. A request larger than one slot spans several, sent one
 after another within the request deadline.
 
+When every slot of the worker is taken, a request waits for one, oldest first (a freed slot is handed
+straight to the oldest waiter, so a newcomer never overtakes), for at most ``slot_wait_s`` and with at
+most ``max_waiters`` waiting; past either it gets 429 with ``Retry-After``. It used to refuse at once:
+with 64 slots per worker a burst of 256 connections on one worker turned into a 429 storm while the
+batcher had room for 512 inputs per batch (issue 15's finding on the gpu plane, seen here behind the
+gateway on the H200).
+
 The deadline is checked by one sweep while anything is in flight (every ``timeout / 20``, at most 1 s),
 not by an ``asyncio.timeout`` per request: that one cost ~9 % of a worker's time in issue 13's
 profile. A request past its deadline gets :class:`DeadlineExceeded` up to one sweep late; the slot
@@ -17,6 +24,8 @@ batcher drops its slot unrun (its deadline is in the ring too).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import os
 import time
 
@@ -53,8 +62,10 @@ _MAX_WRITE = 1024  # indices per write: 4 KiB, PIPE_BUF
 class RingEmbedder:
     """``embed`` through this worker's ring slots; ``on_responses`` is fed from the response pipe."""
 
-    def __init__(self, ring: SlotRing, worker: int, req_fd: int, timeout_s: float) -> None:
+    def __init__(self, ring: SlotRing, worker: int, req_fd: int, timeout_s: float, *,
+                 slot_wait_s: float = 0.5, max_waiters: int = 1024) -> None:
         self.ring, self.worker, self.req_fd, self.timeout_s = ring, worker, req_fd, timeout_s
+        self.slot_wait_s, self.max_waiters = slot_wait_s, max_waiters
         layout = ring.layout
         self.layout = layout
         first = worker * layout.slots_per_worker
@@ -62,7 +73,8 @@ class RingEmbedder:
         self._waiting: dict[int, asyncio.Future[int]] = {}
         self._deadlines: dict[int, float] = {}  # slot -> time.monotonic() deadline, while in flight
         self._abandoned: set[int] = set()
-        self._slot_freed = asyncio.Event()
+        # Requests waiting for a slot, oldest first; a freed slot is the result of the oldest one's future.
+        self._slot_queue: collections.deque[asyncio.Future[int]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._outbox: list[int] = []  # slots filled in this loop turn, written to the node at its end
         self._tick = min(1.0, max(0.01, timeout_s / 20))
@@ -108,13 +120,22 @@ class RingEmbedder:
             self._release(slot)
         self._abandoned.clear()
         waiting, self._waiting = self._waiting, {}
-        for fut in waiting.values():
+        queued, self._slot_queue = self._slot_queue, collections.deque()
+        for fut in [*waiting.values(), *queued]:
             if not fut.done():
                 fut.set_exception(ServiceUnavailable("the engine stopped; retry shortly", retry_after=1))
 
     def _release(self, slot: int) -> None:
+        while self._slot_queue:  # hand it to the oldest request still waiting
+            fut = self._slot_queue.popleft()
+            if not fut.done():
+                fut.set_result(slot)
+                return
         self._free.append(slot)
-        self._slot_freed.set()
+
+    @property
+    def slot_waiters(self) -> int:
+        return len(self._slot_queue)
 
     # -- embedding -----------------------------------------------------------------------
     def _chunks(self, seqs: list[np.ndarray]) -> list[list[np.ndarray]]:
@@ -171,27 +192,49 @@ class RingEmbedder:
         if self._waiting:
             self._sweeper = asyncio.get_running_loop().call_later(self._tick, self._sweep)
 
-    async def _wait_for_slot(self, deadline: float) -> None:
-        """A later chunk of a large request waits for one of this worker's slots (until the deadline)."""
-        while not self._free:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._late()
-            self._slot_freed.clear()
-            try:
-                await asyncio.wait_for(self._slot_freed.wait(), remaining)
-            except TimeoutError:
-                raise self._late() from None
+    async def _queue_for_slot(self, deadline: float, first: bool) -> int:
+        """Wait, oldest first, for one of this worker's slots. A request's first chunk waits at most
+        ``slot_wait_s`` (then 429: the worker is saturated); a later chunk of an admitted request waits
+        until the request's deadline (then 504)."""
+        if first and len(self._slot_queue) >= self.max_waiters:
+            raise self._busy()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._slot_queue.append(fut)
+        limit = min(deadline, time.monotonic() + self.slot_wait_s) if first else deadline
+
+        def expire() -> None:
+            if not fut.done():
+                fut.set_exception(self._busy() if first else self._late())
+
+        timer = loop.call_at(loop.time() + max(0.0, limit - time.monotonic()), expire)
+        try:
+            slot = await fut
+        except BaseException:
+            timer.cancel()
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._release(fut.result())  # the client left just as a slot came: the next waiter's
+            with contextlib.suppress(ValueError):
+                self._slot_queue.remove(fut)  # timed out or cancelled: no longer counts as waiting
+            raise
+        timer.cancel()
+        try:
+            self.check_ready()  # the engine may have gone while this request waited
+        except BaseException:
+            self._release(slot)
+            raise
+        return slot
+
+    def _busy(self) -> Overloaded:
+        return Overloaded("The edge node is at capacity; retry shortly.", retry_after=1.0,
+                          queued=self.layout.slots_per_worker + len(self._slot_queue),
+                          limit=self.layout.slots_per_worker)
 
     async def _run_chunk(self, chunk: list[np.ndarray], deadline: float, first: bool, timing: Timing) -> _Part:
-        if not self._free:
-            if first:
-                # Backpressure fails fast: no free slot at all means this worker is saturated.
-                raise Overloaded("The edge node is at capacity; retry shortly.", retry_after=1.0,
-                                 queued=self.layout.slots_per_worker, limit=self.layout.slots_per_worker)
-            await self._wait_for_slot(deadline)
-            self.check_ready()  # the engine may have gone while this chunk waited
-        slot = self._free.pop()
+        if self._free and not self._slot_queue:
+            slot = self._free.pop()
+        else:  # a newcomer queues behind those already waiting
+            slot = await self._queue_for_slot(deadline, first)
         ring = self.ring
         ring.write_request(slot, chunk, deadline)
         loop = asyncio.get_running_loop()

@@ -63,8 +63,10 @@ class WorkerTransport:
         self.node, self.handoff = node, handoff
         self.ring = SlotRing.attach(handoff.layout, handoff.ring)
         self.metrics = self.ring.worker_metrics(handoff.worker)
+        edge = node.settings.edge
         self.embedder = RingEmbedder(self.ring, handoff.worker, handoff.req_fd,
-                                     node.settings.batcher.request_timeout_s)
+                                     node.settings.batcher.request_timeout_s,
+                                     slot_wait_s=edge.ring_slot_wait_s, max_waiters=edge.ring_waiters_per_worker)
         self.listener: HttpListener | None = None
         self.port = handoff.port
         self.table: RoutingTable = RoutingTable.empty()

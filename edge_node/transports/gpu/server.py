@@ -42,7 +42,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +77,10 @@ __all__ = ["GpuDataplane", "GpuTransport"]
 log = logging.getLogger(__name__)
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# (stage, from mark, to mark) of stage_summary; T2 and T6 are GPU-clock marks, the rest CPU.
+_STAGES = (("T0-T1 head to burst launch", 0, 1), ("T1-T3 admit kernel to CPU take", 1, 3),
+           ("T3-T4 wait for a batch", 3, 4), ("T4-T5 inference", 4, 5), ("T5-T7 build kernel and write", 5, 7),
+           ("T7-T8 release", 7, 8), ("T2-T6 on the GPU clock: ready to built", 2, 6), ("T0-T8 total (CPU)", 0, 8))
 _NO_SLOT = -2  # gz_ring_admit's R_SLOT when every ring slot is taken (-3: a queue misbehaved, -1: not admitted)
 _PAGES = {L.ROUTE_INDEX: "/index.", L.ROUTE_CONTACTS: "/contacts."}
 _Burst = list[tuple[FeedConnection, bytes, int]]
@@ -152,7 +156,26 @@ class GpuDataplane:
         self.server: asyncio.Server | None = None
         self.stats = {"bursts": 0, "requests": 0, "ring_full": 0, "waited": 0, "expired": 0, "queue_full": 0,
                       "built": 0, "cpu": 0}
-        self.recent_marks: list[np.ndarray] = []  # T0..T8 of recent slots (bounded), for benchmarks
+        # T0..T8 of the most recent slots: the per-stage table of the benchmarks (``stage_summary``).
+        self.recent_marks: deque[np.ndarray] = deque(maxlen=20_000)
+
+    def stage_summary(self) -> dict[str, dict[str, float]]:
+        """p50/p99 µs of each ring stage over the recent slots (the ring's own stamps, GAZSI's T0..T8).
+
+        Stages are differences within one clock: the CPU marks (``perf_counter_ns``) and the two GPU
+        marks (``%globaltimer``) are never subtracted from each other.
+        """
+        if not self.recent_marks:
+            return {}
+        ts = np.stack(list(self.recent_marks)).astype(np.int64)
+        out: dict[str, dict[str, float]] = {}
+        for name, a, b in _STAGES:
+            d = (ts[:, b] - ts[:, a]) / 1e3
+            d = d[(ts[:, a] > 0) & (ts[:, b] > 0)]
+            if d.size:
+                out[name] = {"p50": round(float(np.percentile(d, 50)), 1), "p99": round(float(np.percentile(d, 99)), 1)}
+        out["slots"] = {"n": float(len(ts))}
+        return out
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -470,8 +493,7 @@ class GpuDataplane:
                 conn, keep, headers = self._slot_conn.pop(slot)
                 self.ring.stamp(slot, 7)
                 self.ring.release(slot)
-                if len(self.recent_marks) < 100_000:
-                    self.recent_marks.append(self.ring.v.ts[slot].copy())
+                self.recent_marks.append(self.ring.v.ts[slot].copy())
                 conn.respond(with_headers(data, headers), keep)
             self._slot_freed()
             self._check_quiet()
@@ -522,7 +544,9 @@ class GpuTransport:
             raise ServiceUnavailable("the GPU data plane is not serving", retry_after=1)
 
     def readiness(self) -> dict[str, Any]:
-        return {"gpu": dict(self.plane.stats) if self.plane is not None else None}
+        if self.plane is None:
+            return {"gpu": None}
+        return {"gpu": dict(self.plane.stats), "gpu_stages_us": self.plane.stage_summary()}
 
     @property
     def ready(self) -> bool:

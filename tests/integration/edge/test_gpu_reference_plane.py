@@ -198,7 +198,10 @@ async def test_listener_limits_come_from_the_config(tmp_path: Path) -> None:
 
 async def test_more_requests_than_ring_slots_all_answered(tmp_path: Path) -> None:
     batcher = {"max_batch_size": 8, "queue_capacity": 1024}
-    async with planes(tmp_path, engine=FakeEngine(delay_s=0.05), cache={"enabled": False}, batcher=batcher) as p:
+    # 128 slots drain in 16 batches of 50 ms: the 129th request waits ~0.8 s for a slot, longer than the
+    # default edge.gpu_slot_wait_s (0.5 s). Here every request may wait; the bound has its own test below.
+    async with planes(tmp_path, engine=FakeEngine(delay_s=0.05), cache={"enabled": False}, batcher=batcher,
+                      edge={"gpu_slot_wait_s": 30}) as p:
         n = L.RING_N + 72
 
         async def one(i: int) -> bytes:
@@ -217,6 +220,15 @@ async def test_more_requests_than_ring_slots_all_answered(tmp_path: Path) -> Non
         assert p.stats["ring_full"] > 0 and p.stats["waited"] > 0, p.stats
         assert p.stats["built"] == n and p.stats["cpu"] == 0 and p.stats["expired"] == 0, p.stats
         assert p.ring_is_clean()
+        # The ring's own stamps give the per-stage table (/readyz): every slot that served is in it, the
+        # FakeEngine's 50 ms is the inference stage, and the stages add up to no more than the total.
+        stages = p.gpu.readiness()["gpu_stages_us"]
+        assert stages["slots"]["n"] == n
+        assert 45_000 <= stages["T4-T5 inference"]["p50"] < 1_000_000, stages
+        cpu_parts = ("T0-T1 head to burst launch", "T1-T3 admit kernel to CPU take", "T3-T4 wait for a batch",
+                     "T4-T5 inference", "T5-T7 build kernel and write", "T7-T8 release")
+        assert all(stages[k]["p50"] >= 0 for k in cpu_parts), stages
+        assert stages["T4-T5 inference"]["p50"] <= stages["T0-T8 total (CPU)"]["p50"], stages
 
 
 async def test_a_request_that_waits_too_long_for_a_slot_gets_429_and_keeps_its_connection(tmp_path: Path) -> None:
