@@ -73,13 +73,31 @@ request = function()
   return wrk.format("POST", path, {["Content-Type"] = "application/json"}, b)
 end
 if hi > 0 then delay = function() return math.random(lo, hi) end end
+%(statuses)s
 done = function(summary, latency, requests)
   local e = summary.errors
+  if threads then  -- status codes per thread (only with statuses=True: parsing replies costs wrk time)
+    local all = {}
+    for _, t in ipairs(threads) do
+      for code, n in pairs(t:get("counts")) do all[code] = (all[code] or 0) + n end
+    end
+    local parts = {}
+    for code, n in pairs(all) do parts[#parts + 1] = string.format('"%%d":%%d', code, n) end
+    io.write('WRKSTATUS {' .. table.concat(parts, ",") .. '}\n')
+  end
   io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"p50":%%d,"p95":%%d,"p99":%%d,' ..
     '"mean":%%f,"max":%%d,"err_connect":%%d,"err_read":%%d,"err_write":%%d,"err_status":%%d,"err_timeout":%%d}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(95),
     latency:percentile(99), latency.mean, latency.max, e.connect, e.read, e.write, e.status, e.timeout))
 end
+"""
+
+
+_STATUS_LUA = r"""
+threads = {}
+setup = function(thread) table.insert(threads, thread) end
+counts = {}
+response = function(status, headers, body) counts[status] = (counts[status] or 0) + 1 end
 """
 
 
@@ -112,18 +130,25 @@ class Wrk:
         self.env = {**os.environ, "LD_LIBRARY_PATH": str(folder / "usr/lib/x86_64-linux-gnu")}
         self.out = out
 
-    def run(self, url: str, kind: str, conns: int, duration: float, delay_ms: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    def run(self, url: str, kind: str, conns: int, duration: float, delay_ms: tuple[int, int] = (0, 0),
+            statuses: bool = False) -> dict[str, Any]:
         method, path, bodies = payloads(kind)
         script = self.out / f"wrk_{kind}.lua"
         script.write_text(_LUA % {"bodies": "{" + ",".join(_lua_str(b) for b in bodies) + "}", "path": path,
-                                  "method": method, "lo": delay_ms[0], "hi": delay_ms[1]})
+                                  "method": method, "lo": delay_ms[0], "hi": delay_ms[1],
+                                  "statuses": _STATUS_LUA if statuses else ""})
         threads = min(4, conns)
         cmd = ["taskset", "-c", CORES["wrk"], str(self.bin), f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s",
                "--timeout", "10s", "-s", str(script), url]
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=duration + 60)
+        codes = {}
         for line in proc.stdout.splitlines():
+            if line.startswith("WRKSTATUS "):
+                codes = json.loads(line[10:])
             if line.startswith("WRKJSON "):
                 r: dict[str, Any] = json.loads(line[8:])
+                if codes:
+                    r["statuses"] = codes
                 secs = r["duration_us"] / 1e6
                 r["rps"] = r["requests"] / secs if secs else 0.0
                 r["errors"] = sum(r[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
