@@ -117,16 +117,17 @@ def main() -> int:
             try:
                 wait_ok(f"http://127.0.0.1:{args.port}/healthz")
                 url = f"http://127.0.0.1:{args.port}"
-                wrk.run(url, "single", args.conns, 2)  # warm-up
+                warm = wrk.run(url, "single", args.conns, 2, statuses=True)  # warm-up
+                print(f"{variant:8s}: warm-up answers {warm.get('statuses')}", flush=True)
                 c0 = cpu_s(gw.pid)
-                r = wrk.run(url, "single", args.conns, args.duration)
+                r = wrk.run(url, "single", args.conns, args.duration, statuses=True)
                 c1 = cpu_s(gw.pid)
                 ok = r["requests"] - r["errors"]
                 r["ok_rps"] = ok / (r["duration_us"] / 1e6)
                 r["gateway_cpu_ms_per_req"] = (c1 - c0) * 1e3 / max(1, ok)
                 results["variants"][variant] = r
                 print(f"{variant:8s}: {r['ok_rps']:9,.0f} 2xx/s  p50 {r['p50'] / 1e3:6.2f} ms  errors {r['errors']}  "
-                      f"gateway CPU {r['gateway_cpu_ms_per_req']:.3f} ms/request", flush=True)
+                      f"gateway CPU {r['gateway_cpu_ms_per_req']:.3f} ms/request {r.get('statuses')}", flush=True)
             finally:
                 os.killpg(gw.pid, signal.SIGTERM)
                 gw.wait(20)
