@@ -11,9 +11,8 @@ after another within the request deadline.
 When every slot of the worker is taken, a request waits for one, oldest first (a freed slot is handed
 straight to the oldest waiter, so a newcomer never overtakes), for at most ``slot_wait_s`` and with at
 most ``max_waiters`` waiting; past either it gets 429 with ``Retry-After``. It used to refuse at once:
-with 64 slots per worker a burst of 256 connections on one worker turned into a 429 storm while the
-batcher had room for 512 inputs per batch (issue 15's finding on the gpu plane, seen here behind the
-gateway on the H200).
+with 64 slots per worker, 256 concurrent requests through the gateway to a one-worker edge got 7,018
+429s of ~15,000 answers (docs/benchmarks.md); the gpu plane had the same 429 storm (issue 15).
 
 The deadline is checked by one sweep while anything is in flight (every ``timeout / 20``, at most 1 s),
 not by an ``asyncio.timeout`` per request: that one cost ~9 % of a worker's time in issue 13's
