@@ -69,10 +69,10 @@ def test_request_and_result_round_trip_through_an_attached_view(ring: SlotRing) 
         other.close()
 
 
-def _embedder(ring: SlotRing, timeout_s: float = 2.0) -> tuple[RingEmbedder, int]:
+def _embedder(ring: SlotRing, timeout_s: float = 2.0, **slot_wait: float) -> tuple[RingEmbedder, int]:
     r, w = os.pipe()
     os.set_blocking(r, False)
-    return RingEmbedder(ring, 0, w, timeout_s), r
+    return RingEmbedder(ring, 0, w, timeout_s, **slot_wait), r  # type: ignore[arg-type]
 
 
 async def _engine_once(emb: RingEmbedder, ring: SlotRing, req_fd: int) -> list[int]:
@@ -117,8 +117,7 @@ async def test_a_request_larger_than_a_slot_spans_several(ring: SlotRing) -> Non
 
 async def test_no_free_slot_waits_then_429_with_retry_after(ring: SlotRing) -> None:
     ring.set_state(ENGINE_UP, generation=1)
-    r, w = os.pipe()
-    emb = RingEmbedder(ring, 0, w, 2.0, slot_wait_s=0.1)
+    emb, _ = _embedder(ring, slot_wait_s=0.1)
     emb._free.clear()
     start = time.monotonic()
     with pytest.raises(Overloaded) as info:
@@ -126,8 +125,6 @@ async def test_no_free_slot_waits_then_429_with_retry_after(ring: SlotRing) -> N
     assert 0.1 <= time.monotonic() - start < 0.5  # waited for a slot, bounded by slot_wait_s
     assert info.value.retry_after == 1.0
     assert emb.slot_waiters == 0  # the expired waiter no longer counts
-    os.close(r)
-    os.close(w)
 
 
 async def test_a_freed_slot_goes_to_the_oldest_waiter(ring: SlotRing) -> None:
@@ -176,8 +173,7 @@ async def test_a_newcomer_does_not_overtake_a_waiter(ring: SlotRing) -> None:
 
 async def test_past_the_waiter_bound_429_at_once(ring: SlotRing) -> None:
     ring.set_state(ENGINE_UP, generation=1)
-    r, w = os.pipe()
-    emb = RingEmbedder(ring, 0, w, 2.0, slot_wait_s=5.0, max_waiters=2)
+    emb, _ = _embedder(ring, slot_wait_s=5.0, max_waiters=2)
     emb._free.clear()
     waiting = [asyncio.create_task(emb.embed(_seqs(2), Timing())) for _ in range(2)]
     await asyncio.sleep(0.01)
@@ -189,8 +185,6 @@ async def test_past_the_waiter_bound_429_at_once(ring: SlotRing) -> None:
     for t in waiting:
         with pytest.raises(ServiceUnavailable):
             await t
-    os.close(r)
-    os.close(w)
 
 
 async def test_a_cancelled_waiter_handed_a_slot_passes_it_on(ring: SlotRing) -> None:

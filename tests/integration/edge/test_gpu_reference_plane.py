@@ -85,6 +85,16 @@ def same(answers: dict[str, bytes], *, swap: tuple[bytes, bytes] | None = None) 
     return answers["gpu"]
 
 
+async def _get_once(port: int, path: str, limit_s: float) -> bytes:
+    """``GET path`` on a connection of its own (``Connection: close``): everything the plane sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(get(path))
+    try:
+        return await asyncio.wait_for(reader.read(), limit_s)
+    finally:
+        writer.close()
+
+
 async def _read_reply(reader: asyncio.StreamReader) -> bytes:
     """One response with a Content-Length body from a kept-alive connection."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -204,15 +214,7 @@ async def test_more_requests_than_ring_slots_all_answered(tmp_path: Path) -> Non
                       edge={"gpu_slot_wait_s": 30}) as p:
         n = L.RING_N + 72
 
-        async def one(i: int) -> bytes:
-            reader, writer = await asyncio.open_connection("127.0.0.1", p.gpu.port)
-            writer.write(get(f"/inference?d=item+{i}"))
-            try:
-                return await asyncio.wait_for(reader.read(), 60)
-            finally:
-                writer.close()
-
-        replies = await asyncio.gather(*[one(i) for i in range(n)])
+        replies = await asyncio.gather(*[_get_once(p.gpu.port, f"/inference?d=item+{i}", 60) for i in range(n)])
         for i, r in enumerate(replies):
             assert r.startswith(b"HTTP/1.1 200"), r[:300]
             assert b'{"input":"item %d"' % i in r
@@ -268,15 +270,7 @@ async def test_past_the_queue_bound_requests_get_429_at_once(tmp_path: Path) -> 
                       edge={"gpu_queue_capacity": 16, "gpu_slot_wait_s": 5}) as p:
         n = L.RING_N + 60
 
-        async def one(i: int) -> bytes:
-            reader, writer = await asyncio.open_connection("127.0.0.1", p.gpu.port)
-            writer.write(get(f"/inference?d=item+{i}"))
-            try:
-                return await asyncio.wait_for(reader.read(), 30)
-            finally:
-                writer.close()
-
-        replies = await asyncio.gather(*[one(i) for i in range(n)])
+        replies = await asyncio.gather(*[_get_once(p.gpu.port, f"/inference?d=item+{i}", 30) for i in range(n)])
         refused = [r for r in replies if r.startswith(b"HTTP/1.1 429")]
         assert refused and p.stats["queue_full"] + p.stats["expired"] == len(refused), p.stats
         assert all(b'"code":"overloaded"' in r for r in refused)

@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack
-from typing import Any
 
 import httpx
 import pytest
 
 from edge_node.engines.fake import FakeEngine
 from gazsi_cluster.routing import NodeEntry, RoutingTable
+from tests.support.agents import StaticLink
 from tests.support.edge import TRANSPORTS, running_node
 
 pytestmark = [pytest.mark.integration, pytest.mark.parametrize("dataplane", TRANSPORTS)]
 MODEL = "all-MiniLM-L6-v2"
-
-
-class StaticLink:
-    """A control-plane link that knows one table (set once every node has its port)."""
-
-    def __init__(self, name: str, tables: dict[str, RoutingTable]) -> None:
-        self.name, self.tables = name, tables
-
-    async def join(self, facts: dict[str, Any], token: str | None) -> dict[str, Any]:
-        return {"node_id": self.name, "heartbeat_interval_s": 0.2}
-
-    async def heartbeat(self, node_id: str, load: dict[str, Any]) -> dict[str, Any]:
-        return {"table_version": self.tables["t"].version if "t" in self.tables else 0}
-
-    async def table(self, since: int) -> dict[str, Any] | None:
-        table = self.tables.get("t")
-        return table.to_dict() if table is not None and table.version != since else None
-
-    async def aclose(self) -> None:
-        return None
 
 
 async def test_overloaded_or_modelless_edge_forwards_to_a_peer(tmp_path, dataplane) -> None:

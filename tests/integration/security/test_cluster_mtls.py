@@ -32,6 +32,7 @@ from gazsi_cluster.gateway import Gateway, create_gateway_app
 from gazsi_cluster.protocol import NodeLoad
 from gazsi_cluster.routing import RoutingTable
 from gazsi_cluster.tls import DeploymentCerts, client_context, create_deployment_certs
+from tests.support.agents import StaticLink
 from tests.support.edge import TRANSPORTS, running_node
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -150,26 +151,6 @@ async def test_gateway_reaches_an_mtls_edge_only_with_a_cluster_certificate(
             said = await asyncio.to_thread(handshake, node.port, certs.ca_cert, (gw_cert, gw_key), version)
             assert said == "answered b'HTTP/1.1 200'", (version, said)
         assert len(engine.calls) == served  # nothing but the member's request reached the model
-
-
-class StaticLink:
-    """A control-plane link that hands every node the one table the test sets once ports are known."""
-
-    def __init__(self, name: str, tables: dict[str, RoutingTable]) -> None:
-        self.name, self.tables = name, tables
-
-    async def join(self, facts: dict[str, Any], token: str | None) -> dict[str, Any]:
-        return {"node_id": self.name, "heartbeat_interval_s": 0.2}
-
-    async def heartbeat(self, node_id: str, load: dict[str, Any]) -> dict[str, Any]:
-        return {"table_version": self.tables["t"].version if "t" in self.tables else 0}
-
-    async def table(self, since: int) -> dict[str, Any] | None:
-        table = self.tables.get("t")
-        return table.to_dict() if table is not None and table.version != since else None
-
-    async def aclose(self) -> None:
-        return None
 
 
 @pytest.mark.parametrize("dataplane", TRANSPORTS)
