@@ -12,8 +12,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ray_env import fresh_home_env
 from tests.support.required import unavailable
 from tests.support.services import ThrowawayPostgres, ThrowawayRedis
+
+# The whole run gets HOME (and the XDG dirs) of its own, before any test is collected: no test reads or
+# writes the user's ~/.ray or data directory, not even the guard below. Tests that start Ray still give
+# each run a HOME of its own (fresh_home_env), so none can lean on a token another left in this one.
+# Downloaded tools (helm) stay cached where the user keeps caches. An inner run a test started in a HOME
+# it made (GAZSI_TEST_OWN_HOME=1) keeps that one.
+if os.environ.get("GAZSI_TEST_OWN_HOME") != "1":
+    os.environ.setdefault("GAZSI_TEST_TOOL_CACHE",
+                          os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"))
+    _session = fresh_home_env()
+    del _session["GAZSI_TEST_OWN_HOME"]  # each Ray-starting test must still make its own (require_own_home)
+    os.environ.clear()
+    os.environ.update(_session)
 
 
 def _service_missing(what: str, exc: BaseException) -> None:
@@ -61,7 +75,8 @@ def redis_url(redis_server: ThrowawayRedis) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def _users_ray_dir_untouched() -> Iterator[None]:
-    """Fail the run if any test wrote to the user's ``~/.ray`` (tests start Ray with a HOME of their own)."""
+    """Fail the run if any test wrote to the run's ``~/.ray``: a test that starts Ray without a HOME of its
+    own (tests/support/ray_env.py) would leave a token there for later tests to lean on."""
     def snapshot() -> dict[str, float]:
         root = Path.home() / ".ray"
         return {str(p): p.stat().st_mtime for p in root.rglob("*")} if root.exists() else {}
@@ -72,7 +87,7 @@ def _users_ray_dir_untouched() -> Iterator[None]:
     before = snapshot()
     yield
     after = snapshot()
-    assert after == before, f"a test wrote to the user's ~/.ray: {sorted(set(after.items()) ^ set(before.items()))}"
+    assert after == before, f"a test wrote to ~/.ray: {sorted(set(after.items()) ^ set(before.items()))}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -34,7 +34,8 @@ Render = Callable[..., list[dict[str, Any]]]
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    # tests/conftest.py gives the run a HOME of its own and remembers the user's cache folder here.
+    base = os.environ.get("GAZSI_TEST_TOOL_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "gazsi" / f"helm-{LAYER_PACKAGE}-{LAYER_VERSION}"
 
 
