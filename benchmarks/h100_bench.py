@@ -381,25 +381,33 @@ def profile(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) -> di
             continue
     roles = {"engine": engine, **({"worker": min(workers)} if workers else {})}
     pyspy = shutil.which("py-spy") or "/tmp/site/bin/py-spy"
-    procs = {role: subprocess.Popen([pyspy, "record", "-d", "4", "-r", "200", "--nonblocking", "-f", "raw",
+    # Per thread (the node process runs the slot batcher's threads beside its event loop), and for the
+    # node process a second recording of only the samples that hold the GIL: which thread it limits.
+    runs = [(role, pid, ["--threads"]) for role, pid in roles.items()] + [("engine-gil", engine, ["--threads", "--gil"])]
+    procs = {role: subprocess.Popen([pyspy, "record", "-d", "4", "-r", "200", "--nonblocking", "-f", "raw", *flags,
                                      "-o", str(out / f"pyspy_{system.name}_{role}.txt"), "-p", str(pid)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for role, pid in roles.items()}
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for role, pid, flags in runs}
     wrk.run(system.url, "single", args.conns, 5)
     top: dict[str, Any] = {}
     for role, p in procs.items():
         p.wait(30)
         path = out / f"pyspy_{system.name}_{role}.txt"
         counts: dict[str, int] = {}
+        threads: dict[str, int] = {}
         total = 0
         if path.is_file():
             for line in path.read_text().splitlines():
                 stack, _, n = line.rpartition(" ")
                 if not n.isdigit():
                     continue
-                leaf = stack.split(";")[-1]
+                frames = stack.split(";")
+                leaf = frames[-1]
                 counts[leaf] = counts.get(leaf, 0) + int(n)
+                thread = frames[0] if frames[0].startswith("thread") else "-"
+                threads[thread] = threads.get(thread, 0) + int(n)
                 total += int(n)
-        top[role] = {"samples": total, "top": sorted(counts.items(), key=lambda kv: -kv[1])[:15]}
+        top[role] = {"samples": total, "top": sorted(counts.items(), key=lambda kv: -kv[1])[:15],
+                     "by_thread": sorted(threads.items(), key=lambda kv: -kv[1])[:12]}
     return top
 
 
@@ -444,6 +452,8 @@ def main() -> int:
     ap.add_argument("--backend", default="torch-cuda", help="fake/onnx-cpu: dry runs of this script off the GPU")
     ap.add_argument("--before-tree", type=Path, help="a checkout of the commit before the refactor (edge-fast-before)")
     ap.add_argument("--kinds", default="single,batch32,long,inference", help="request kinds for edge-fast")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:KEY=VALUE,...: one more edge-fast system with these edge.* settings")
     args = ap.parse_args()
     CORES.update(server=args.server_cores, wrk=args.wrk_cores)
     out = args.out
@@ -476,6 +486,15 @@ def main() -> int:
         systems.append(System("edge-fast", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8100",
                               "http://127.0.0.1:8101/readyz", "http://127.0.0.1:8101/metrics",
                               args.kinds.split(",")))
+    # Settings tried side by side in one lease: edge-fast-NAME with edge.KEY=VALUE overrides.
+    for i, variant in enumerate(args.variant):
+        name, _, sets = variant.partition(":")
+        extra = {k: yaml_scalar(v) for k, _, v in (kv.partition("=") for kv in sets.split(",") if kv)}
+        port = 8600 + 10 * i
+        cfg = our_config(out / f"cfg_fast_{name}.yaml", model_dir, port, args.workers, backend=args.backend, **extra)
+        systems.append(System(f"edge-fast-{name}", [*cli, "--config", str(cfg), "edge", "serve"],
+                              f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}/readyz",
+                              f"http://127.0.0.1:{port + 1}/metrics", args.kinds.split(",")))
     # Issue 13: the same fast front from the tree before the refactor, in the same lease.
     if "edge-fast-before" in wanted and args.before_tree:
         before = args.before_tree.resolve()
@@ -517,6 +536,12 @@ def main() -> int:
     print(table(results))
     plot(results, out / "h100_latency.png")
     return 0
+
+
+def yaml_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def machine() -> dict[str, Any]:

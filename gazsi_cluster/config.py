@@ -266,6 +266,12 @@ class EdgeConfig(_Section):
         1024, ge=0, le=1_000_000, description="fast front: requests one worker may hold waiting for a ring slot; "
         "more get 429 at once.",
     )
+    ring_flush_slots: int | None = Field(
+        None, ge=0, le=1024, description="fast front: 0 = a worker tells the engine about its filled slots once "
+        "per event-loop turn (one write, one wake-up); N > 0 = also as soon as N are waiting, so the first "
+        "requests of a long turn need not wait for the last ones to be tokenised; unset = 1 when every worker "
+        "and the engine's two threads have a CPU each, else 0 (measured both ways, docs/benchmarks.md).",
+    )
     ring_slot_inputs: int = Field(32, ge=1, le=4096, description="fast front: inputs one ring slot carries.")
     ring_slot_tokens: int = Field(
         4096, ge=512, description="fast front: tokens one ring slot carries (bigger requests span several slots)."

@@ -70,6 +70,7 @@ def test_request_and_result_round_trip_through_an_attached_view(ring: SlotRing) 
 
 
 def _embedder(ring: SlotRing, timeout_s: float = 2.0, **slot_wait: float) -> tuple[RingEmbedder, int]:
+    # slot_wait: slot_wait_s, max_waiters, flush_slots
     r, w = os.pipe()
     os.set_blocking(r, False)
     return RingEmbedder(ring, 0, w, timeout_s, **slot_wait), r  # type: ignore[arg-type]
@@ -236,9 +237,12 @@ async def test_deadline_gives_504_cancels_the_slot_and_reclaims_it_when_answered
     assert len(emb._free) == LAYOUT.slots_per_worker
 
 
-async def test_slots_filled_in_one_loop_turn_go_to_the_node_in_one_write(ring: SlotRing, monkeypatch) -> None:
+@pytest.mark.parametrize(("flush_slots", "per_write"), [(0, None), (1, 1), (3, 3)])
+async def test_slots_filled_in_one_loop_turn_go_to_the_node_in_one_write(
+        ring: SlotRing, monkeypatch, flush_slots: int, per_write: int | None) -> None:
+    """flush_slots 0: one write per loop turn; N: a write as soon as N slots wait, the rest at the turn's end."""
     ring.set_state(ENGINE_UP, generation=1)
-    emb, req_fd = _embedder(ring)
+    emb, req_fd = _embedder(ring, flush_slots=flush_slots)
     writes: list[int] = []
     real_write = os.write
 
@@ -253,7 +257,11 @@ async def test_slots_filled_in_one_loop_turn_go_to_the_node_in_one_write(ring: S
     await asyncio.sleep(0.01)
     data = os.read(req_fd, 4096)
     assert len(unpack_indices(data)) == n
-    assert writes == [4 * n]  # one write: one wake-up of the node, not one per request
+    if per_write is None:
+        assert writes == [4 * n]  # one write: one wake-up of the node, not one per request
+    else:
+        full, rest = divmod(n, per_write)
+        assert writes == [4 * per_write] * full + ([4 * rest] if rest else [])
     for slot in unpack_indices(data):
         ring.write_result(slot, np.ones((1, 8), np.float32) / np.sqrt(8), n, 10, None)
     emb.on_responses(data)

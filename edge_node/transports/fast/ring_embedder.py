@@ -62,9 +62,9 @@ class RingEmbedder:
     """``embed`` through this worker's ring slots; ``on_responses`` is fed from the response pipe."""
 
     def __init__(self, ring: SlotRing, worker: int, req_fd: int, timeout_s: float, *,
-                 slot_wait_s: float = 0.5, max_waiters: int = 1024) -> None:
+                 slot_wait_s: float = 0.5, max_waiters: int = 1024, flush_slots: int = 0) -> None:
         self.ring, self.worker, self.req_fd, self.timeout_s = ring, worker, req_fd, timeout_s
-        self.slot_wait_s, self.max_waiters = slot_wait_s, max_waiters
+        self.slot_wait_s, self.max_waiters, self.flush_slots = slot_wait_s, max_waiters, flush_slots
         layout = ring.layout
         self.layout = layout
         first = worker * layout.slots_per_worker
@@ -246,6 +246,8 @@ class RingEmbedder:
         if not self._outbox:
             loop.call_soon(self._flush)
         self._outbox.append(slot)
+        if len(self._outbox) >= self.flush_slots > 0:
+            self._flush()  # the end-of-turn flush then finds the rest (or nothing)
         try:
             await fut
         except BaseException:

@@ -66,7 +66,8 @@ class WorkerTransport:
         edge = node.settings.edge
         self.embedder = RingEmbedder(self.ring, handoff.worker, handoff.req_fd,
                                      node.settings.batcher.request_timeout_s,
-                                     slot_wait_s=edge.ring_slot_wait_s, max_waiters=edge.ring_waiters_per_worker)
+                                     slot_wait_s=edge.ring_slot_wait_s, max_waiters=edge.ring_waiters_per_worker,
+                                     flush_slots=self._flush_slots(edge.ring_flush_slots))
         self.listener: HttpListener | None = None
         self.port = handoff.port
         self.table: RoutingTable = RoutingTable.empty()
@@ -90,6 +91,20 @@ class WorkerTransport:
                                      max_body=lambda: pipeline.max_body_bytes)
         await self.listener.start(bind_socket(node.settings.edge.host, h.port, reuse_port=True))
         send_message(h.status_fd, {"op": "ready", "worker": h.worker, "pid": os.getpid()})
+
+    def _flush_slots(self, configured: int | None) -> int:
+        """When to write filled slots to the engine: per slot where the workers have CPUs to themselves
+        (H200, 10 workers on 12 cores: 48,558 req/s per slot against 44,731 once per loop turn, the engine's
+        batches 44.5 against 36.7 inputs: the first requests of a turn no longer wait for the last), once per
+        turn where they share them (2 cores, 2 workers: 8.8k against 7.4k req/s, the node's CPU per request
+        0.025 against 0.036 ms: fewer system calls and wake-ups)."""
+        if configured is not None:
+            return configured
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return 1 if self.handoff.layout.workers + 2 <= cpus else 0
 
     def _per_worker(self, limits: LimitsConfig) -> LimitsConfig:
         """The node's connection cap per client address, shared out over its workers.
