@@ -52,7 +52,10 @@ from gazsi_cluster.routing import RoutingClient, RoutingTable, make_policy
 from gazsi_cluster.tls import routing_client_context
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from edge_node.transports.fast.worker import WorkerHandoff
+    from edge_node.transports.gpu.device import HttpDevice
     from gazsi_cluster.http.server import RunningServer
 
 __all__ = ["OPERATOR_PORT_SPAN", "EdgeNode", "Transport"]
@@ -72,13 +75,17 @@ class EdgeNode:
     def __init__(
         self, settings: Settings, *, worker: WorkerHandoff | None = None, engine: Engine | None = None,
         authorizer: Authorizer | None = None, link: ControlPlaneLink | None = None, advertise: str | None = None,
+        worker_module: str = _WORKER_MODULE, gpu_device: Callable[[int], HttpDevice] | None = None,
     ) -> None:
         self.settings = settings
+        # Tests hand in the CPU reference of the GPU kernels, and a worker entry point that does the same.
+        self._worker_module, self._gpu_device = worker_module, gpu_device
         self.spec = load_model_spec(settings.engine.model, settings.engine.model_dir)
         self.worker = worker
         self.created = worker.created if worker is not None else int(time.time())
         if worker is not None:
-            self.dataplane, self.dataplane_reason = "fast", f"worker {worker.worker} of a fast front"
+            self.dataplane = "gpu" if worker.plane == "gpu" else "fast"
+            self.dataplane_reason = f"worker {worker.worker} of a {self.dataplane} front"
         else:
             self.dataplane, self.dataplane_reason = choose_dataplane(settings.edge.dataplane)
         log.info("edge node data plane: %s (%s)", self.dataplane, self.dataplane_reason)
@@ -104,6 +111,12 @@ class EdgeNode:
         self.transport: Transport = self._assemble(engine)
 
     # -- assembly --------------------------------------------------------------------------
+    @property
+    def multi_process(self) -> bool:
+        """The node process feeds the engine from worker processes through the ring (fast, or gpu feeds)."""
+        return self.worker is None and (
+            self.dataplane == "fast" or (self.dataplane == "gpu" and self.settings.edge.gpu_feed == "workers"))
+
     def _assemble(self, engine: Engine | None) -> Transport:
         """Pick the transport and build the pipeline the way that transport needs it."""
         settings, mode = self.settings, self.dataplane
@@ -112,15 +125,25 @@ class EdgeNode:
         if self.worker is not None:
             from edge_node.transports.fast.worker import WorkerTransport
 
-            worker_transport = WorkerTransport(self, self.worker)
+            worker_transport: WorkerTransport
+            if self.worker.plane == "gpu":
+                from edge_node.transports.gpu.worker import GpuWorkerTransport
+
+                worker_transport = GpuWorkerTransport(self, self.worker, device=self._gpu_device)
+            else:
+                worker_transport = WorkerTransport(self, self.worker)
             transport, embedder = worker_transport, worker_transport.embedder
             self.request_metrics = worker_transport.metrics  # cells in the ring: the node process sums them
         else:
             self.runtime = ModelRuntime(settings, metrics=self.engine_metrics, engine=engine)
-            if mode == "fast":
+            if self.multi_process:
                 from edge_node.transports.fast.front import FastTransport
 
-                return FastTransport(self, worker_module=_WORKER_MODULE)
+                if mode == "gpu":
+                    from edge_node.transports.gpu.server import refuse_tls
+
+                    refuse_tls(settings)  # before any feed process starts
+                return FastTransport(self, worker_module=self._worker_module, plane="http" if mode == "fast" else "gpu")
             embedder = BatcherEmbedder(self.runtime)
             if mode == "asgi":
                 from edge_node.transports.asgi import AsgiTransport
@@ -129,7 +152,7 @@ class EdgeNode:
             else:
                 from edge_node.transports.gpu.server import GpuTransport
 
-                transport = GpuTransport(self)
+                transport = GpuTransport(self, device=self._gpu_device)
         self.cache = build_response_cache(settings)
         if self.cache is not None:
             embedder = CachedEmbedder(embedder, self.cache, f"{settings.engine.model}:{self.spec.weights_hash}")
@@ -151,7 +174,7 @@ class EdgeNode:
         limiter: Any
         if self.worker is not None:
             self.limits_table = limiter = attach_node_limits(self.worker.limiter) if self.worker.limiter else None
-        elif self.dataplane == "fast":
+        elif self.multi_process:
             self.limits_table = limiter = create_node_limits(settings)
         else:
             limiter = LocalRateLimiter(scope="node")
@@ -203,7 +226,7 @@ class EdgeNode:
         if self.forwarder is not None:
             stack.push_async_callback(self.forwarder.aclose)
         if self.runtime is not None:
-            self.runtime.start(with_batcher=self.dataplane != "fast")
+            self.runtime.start(with_batcher=not self.multi_process)
             stack.push_async_callback(self.runtime.stop)
         await self.transport.start()
         stack.push_async_callback(self._stop_transport)
@@ -345,8 +368,9 @@ class EdgeNode:
     def dataplane_summary(self) -> str:
         """Why this data plane, and for a fast front how many HTTP workers serve it (``gazsi up`` prints it)."""
         workers = getattr(self.transport, "workers", None) if self.worker is None else None
-        if self.dataplane == "fast" and isinstance(workers, list) and workers:
-            return f"{self.dataplane_reason} — {len(workers)} HTTP worker{'s' if len(workers) > 1 else ''}"
+        if self.multi_process and isinstance(workers, list) and workers:
+            kind = "GPU feed process" if self.dataplane == "gpu" else "HTTP worker"
+            return f"{self.dataplane_reason} — {len(workers)} {kind}{'s' if len(workers) > 1 else ''}"
         return self.dataplane_reason
 
     # -- state -------------------------------------------------------------------------------

@@ -19,11 +19,16 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_node.node import EdgeNode
 from edge_node.transports.fast.worker import WorkerHandoff
 from gazsi_cluster.config import settings_from_dump
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from edge_node.transports.gpu.device import HttpDevice
 
 __all__ = ["main"]
 
@@ -37,21 +42,24 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-async def _serve(handoff_json: dict[str, Any]) -> None:
+async def _serve(handoff_json: dict[str, Any], gpu_device: Callable[[int], HttpDevice] | None = None) -> None:
     settings = settings_from_dump(handoff_json["settings"])
     handoff = WorkerHandoff.from_json(handoff_json)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with EdgeNode(settings, worker=handoff):
+    async with EdgeNode(settings, worker=handoff, gpu_device=gpu_device):
         # Everything built so far lives as long as the process: keep it out of the collector's way,
         # or every full collection walks the imported modules again (~3 % of a worker's CPU, issue 13).
         gc.freeze()
         await stop.wait()
 
 
-def main() -> int:
-    """Entry point of a worker process (started by :class:`~edge_node.transports.fast.front.FastTransport`)."""
+def main(gpu_device: Callable[[int], HttpDevice] | None = None) -> int:
+    """Entry point of a worker process (started by :class:`~edge_node.transports.fast.front.FastTransport`).
+
+    ``gpu_device``: a gpu feed process's kernels (tests: their CPU reference); unset, the CUDA ones.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the node decides
     handoff = json.loads(sys.stdin.read())
     _die_with_parent(int(handoff["parent"]))
@@ -60,9 +68,9 @@ def main() -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(handoff))
+        asyncio.run(_serve(handoff, gpu_device))
     else:
-        uvloop.run(_serve(handoff))
+        uvloop.run(_serve(handoff, gpu_device))
     return 0
 
 

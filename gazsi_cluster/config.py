@@ -284,6 +284,12 @@ class EdgeConfig(_Section):
         4096, ge=1, le=1_000_000, description="gpu data plane: requests waiting for a burst or a free ring slot "
         "(128 slots); more get 429 at once.",
     )
+    gpu_feed: Literal["workers", "node"] = Field(
+        "workers", description="gpu data plane: workers = edge.workers processes on one SO_REUSEPORT port, "
+        "each with its own CUDA context, HTTP kernels and GPU ring, embedding through the fast front's "
+        "shared-memory ring into the node process's engine; node = the node process alone (kernels, pipeline "
+        "and engine on one event loop, which held it to ~2,500 req/s on the H200: issue 15).",
+    )
     gpu_slot_wait_s: float = Field(
         0.5, gt=0, le=60, description="gpu data plane: how long an /inference request may wait for a free ring "
         "slot before it gets 429 with Retry-After (limits.retry_after_s).",

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import signal
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from edge_node.transports.gpu._reference import ParsedRequest, parse_reference
 from edge_node.transports.gpu.kernels import canned_table
 from edge_node.transports.gpu.ring import HostRing
 from tests.support.gpu_ring import EmulatedGpuSide
+
+if TYPE_CHECKING:
+    from gazsi_cluster.config import Settings
 
 __all__ = ["ReferenceDevice", "build_reference", "reference_row"]
 
@@ -123,6 +127,9 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.workers:
+        await _serve_feeds(args, settings, stop)
+        return
     # The node's own transport (asgi) serves the operator routes; the gpu transport runs on the node's
     # pipeline, authorizer, cache and metrics, as EdgeNode wires it on a GPU machine.
     async with EdgeNode(settings) as node:
@@ -136,12 +143,28 @@ async def _serve(args: argparse.Namespace) -> None:
             await gpu.stop(settings.batcher.request_timeout_s)
 
 
+async def _serve_feeds(args: argparse.Namespace, settings: Settings, stop: asyncio.Event) -> None:
+    """``edge.dataplane: gpu`` with ``--workers`` feed processes, as on a GPU machine but for the kernels."""
+    from edge_node import node as node_module
+
+    # The hardware probe would find no GPU and fall back to fast: this node has "GPU kernels" (their references).
+    node_module.choose_dataplane = lambda requested: ("gpu", "the kernels' CPU references (tests)")
+    settings = settings.model_copy(update={"edge": settings.edge.model_copy(update={
+        "dataplane": "gpu", "gpu_feed": "workers", "workers": args.workers})})
+    async with node_module.EdgeNode(settings, worker_module="tests.support.gpu_worker") as node:
+        print(f"gpu-reference: serving on http://127.0.0.1:{node.port}; operator app (/readyz, /metrics) "
+              f"on port {node.admin_port}; {args.workers} feed processes", flush=True)
+        await stop.wait()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="the gpu transport over the CPU references of its kernels")
     parser.add_argument("--data-dir")
     parser.add_argument("--port", type=int, default=0, help="ignored: always a free port")
     parser.add_argument("--backend")
     parser.add_argument("--no-auth", action="store_true")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="gpu feed processes (edge.gpu_feed=workers); 0: the plane in this process")
     asyncio.run(_serve(parser.parse_args(argv)))
     return 0
 

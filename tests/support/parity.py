@@ -282,9 +282,9 @@ def parity_edges(data_dir: Path, cfg_dir: Path, nodes: dict[str, tuple[list[str]
 
 class ParityTable:
     """The parity tests, run by a ``Test…`` subclass in a module that provides an ``edges`` fixture
-    (name -> running edge) and names the two byte-writing transports whose raw bytes must agree."""
+    (name -> running edge) and names the byte-writing transports whose raw bytes must agree."""
 
-    BYTE_TRANSPORTS: tuple[str, str] = ("fast", "gpu-reference")
+    BYTE_TRANSPORTS: tuple[str, ...] = ("fast", "gpu-reference")
 
     @pytest.mark.parametrize(("method", "path", "body", "headers"), CASES,
                              ids=[f"{i}-{m}-{p[:28]}" for i, (m, p, _, _) in enumerate(CASES)])

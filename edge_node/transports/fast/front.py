@@ -79,9 +79,13 @@ class FastTransport:
 
     name = "fast"
 
-    def __init__(self, node: TransportHost, *, worker_module: str) -> None:
+    def __init__(self, node: TransportHost, *, worker_module: str, plane: str = "http") -> None:
         self.node = node
         self.worker_module = worker_module  # ``python -m`` this in each worker (the node's own entry point)
+        # What each worker serves HTTP with: "http" (httptools) or "gpu" (feed processes of the gpu data plane).
+        self.plane = plane
+        if plane == "gpu":
+            self.name = "gpu"
         edge = node.settings.edge
         self.workers = [_Worker(i) for i in range(edge.workers or default_workers())]
         self.layout = RingLayout(len(self.workers), edge.ring_slots_per_worker, edge.ring_slot_inputs,
@@ -98,6 +102,7 @@ class FastTransport:
         self._stopping = False
         self._all_ready = asyncio.Event()
         self._up = asyncio.Event()
+        self.planes: dict[int, dict[str, Any]] = {}  # gpu feed processes' latest reports, by worker
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -144,7 +149,7 @@ class FastTransport:
             "ring": self.ring.name, "layout": asdict(self.layout), "worker": worker.index, "port": self.port,
             "req_fd": self._req_w, "resp_fd": worker.resp_r, "ctrl_fd": worker.ctrl_r, "status_fd": self._status_w,
             "parent": os.getpid(), "created": node.created, "limiter": node.limiter_name,
-            "node_id": node.node_id,
+            "node_id": node.node_id, "plane": self.plane,
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", self.worker_module], stdin=subprocess.PIPE,
@@ -162,7 +167,9 @@ class FastTransport:
         except BlockingIOError:
             return
         for msg in self._status.feed(data):
-            if msg.get("op") == "ready":
+            if msg.get("op") == "plane":  # a gpu feed process's counters and stage table
+                self.planes[int(msg["worker"])] = {"gpu": msg["gpu"], "gpu_stages_us": msg["gpu_stages_us"]}
+            elif msg.get("op") == "ready":
                 self.workers[int(msg["worker"])].ready = True
                 if all(w.ready for w in self.workers):
                     self._all_ready.set()
@@ -292,6 +299,13 @@ class FastTransport:
             "worker_restarts": sum(w.restarts for w in self.workers),
             "ring_state": ("loading", "up", "down", "failed", "draining")[self.ring.state] if self.ring else "closed",
         }
+        if self.planes:  # gpu feeds: the counters summed, each feed's stage table
+            totals: dict[str, int] = {}
+            for report in self.planes.values():
+                for key, value in report["gpu"].items():
+                    totals[key] = totals.get(key, 0) + int(value)
+            detail["gpu"] = totals
+            detail["gpu_stages_us"] = {str(w): r["gpu_stages_us"] for w, r in sorted(self.planes.items())}
         if self.batcher is not None:
             cfg = self.batcher.config
             detail["batcher"] = {"max_batch_size": cfg.max_batch_size, "max_wait_us": cfg.max_wait_us,

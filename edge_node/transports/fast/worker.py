@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ class WorkerHandoff:
     created: int
     limiter: str | None = None
     node_id: str | None = None
+    plane: str = "http"  # what the worker serves HTTP with: "http" (httptools) or "gpu" (the CUDA kernels)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerHandoff:
@@ -76,21 +78,30 @@ class WorkerTransport:
         self._control = MessageReader()
 
     async def start(self) -> None:
-        from gazsi_cluster.tls import listener_context
-
         node, h = self.node, self.handoff
         loop = asyncio.get_running_loop()
         for fd in (h.resp_fd, h.ctrl_fd):
             os.set_blocking(fd, False)
         loop.add_reader(h.resp_fd, self._on_responses)
         loop.add_reader(h.ctrl_fd, self._on_control)
-        ctx = listener_context(node.settings.edge.tls)
+        await self._listen(bind_socket(node.settings.edge.host, h.port, reuse_port=True))
+        send_message(h.status_fd, {"op": "ready", "worker": h.worker, "pid": os.getpid()})
+
+    async def _listen(self, sock: socket.socket) -> None:
+        """Serve HTTP on ``sock`` (the node's SO_REUSEPORT port) through the node's pipeline."""
+        from gazsi_cluster.tls import listener_context
+
+        node = self.node
         assert node.pipeline is not None
         pipeline = node.pipeline
-        self.listener = HttpListener(pipeline.handle, self._per_worker(node.settings.limits), ssl_context=ctx,
+        self.listener = HttpListener(pipeline.handle, self._per_worker(node.settings.limits),
+                                     ssl_context=listener_context(node.settings.edge.tls),
                                      max_body=lambda: pipeline.max_body_bytes)
-        await self.listener.start(bind_socket(node.settings.edge.host, h.port, reuse_port=True))
-        send_message(h.status_fd, {"op": "ready", "worker": h.worker, "pid": os.getpid()})
+        await self.listener.start(sock)
+
+    async def _stop_listening(self, timeout_s: float) -> None:
+        if self.listener is not None:
+            await self.listener.stop(timeout_s)
 
     def _flush_slots(self, configured: int | None) -> int:
         """When to write filled slots to the engine: per slot where the workers have CPUs to themselves
@@ -150,8 +161,7 @@ class WorkerTransport:
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         # Drain first: requests in flight still need their answers from the response pipe.
-        if self.listener is not None:
-            await self.listener.stop(timeout_s)
+        await self._stop_listening(timeout_s)
         loop = asyncio.get_running_loop()
         for fd in (self.handoff.resp_fd, self.handoff.ctrl_fd):
             with contextlib.suppress(Exception):

@@ -40,6 +40,7 @@ import functools
 import heapq
 import itertools
 import logging
+import socket
 import time
 import weakref
 from collections import Counter, deque
@@ -67,12 +68,12 @@ from .feed import FeedConnection, FeedLimits
 if TYPE_CHECKING:
     from edge_node.pipeline import EdgePipeline
     from edge_node.transports.base import TransportHost
-    from gazsi_cluster.config import LimitsConfig
+    from gazsi_cluster.config import LimitsConfig, Settings
 
     from .device import HttpDevice
     from .ring import HostRing
 
-__all__ = ["GpuDataplane", "GpuTransport"]
+__all__ = ["GpuDataplane", "GpuTransport", "refuse_tls"]
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,14 @@ class GpuDataplane:
         assert self.device is not None
         return self.device.ring
 
-    async def serve(self, host: str, port: int) -> asyncio.Server:
+    async def serve(self, host: str | None = None, port: int | None = None, *,
+                    sock: socket.socket | None = None) -> asyncio.Server:
+        """Listen on ``host:port``, or on ``sock`` (a feed process's share of the node's SO_REUSEPORT port)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._connection, host, port, backlog=4096)
+        if sock is not None:
+            self.server = await loop.create_server(self._connection, sock=sock, backlog=4096)
+        else:
+            self.server = await loop.create_server(self._connection, host, port or 0, backlog=4096)
         return self.server
 
     def _connection(self) -> FeedConnection:
@@ -499,6 +505,14 @@ class GpuDataplane:
             self._check_quiet()
 
 
+def refuse_tls(settings: Settings) -> None:
+    """The gpu data plane, in the node process or in feed processes, cannot serve TLS: say so at start."""
+    if settings.edge.tls.enabled:
+        raise ConfigError(
+            "edge.tls is set but the gpu data plane cannot serve TLS: its CUDA kernels parse and build "
+            "plaintext HTTP. Terminate TLS in front of the node, or use edge.dataplane=fast.")
+
+
 class GpuTransport:
     """The node's data plane on the GPU; refuses TLS (the kernels answer in plaintext) and says why.
 
@@ -508,14 +522,11 @@ class GpuTransport:
     name = "gpu"
 
     def __init__(self, node: TransportHost, *, device: Callable[[int], HttpDevice] | None = None) -> None:
+        refuse_tls(node.settings)
         self.node = node
         self.plane: GpuDataplane | None = None
         self.port = 0
         self._device = device
-        if node.settings.edge.tls.enabled:
-            raise ConfigError(
-                "edge.tls is set but the gpu data plane cannot serve TLS: its CUDA kernels parse and build "
-                "plaintext HTTP. Terminate TLS in front of the node, or use edge.dataplane=fast.")
 
     async def start(self) -> None:
         node, edge = self.node, self.node.settings.edge

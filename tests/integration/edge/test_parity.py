@@ -5,7 +5,8 @@ very same bytes for a table of raw exchanges.
 
 ``gpu-reference`` is the gpu transport (feed, limits, its split between the kernels' hot path and the
 CPU, the pipeline) with its CUDA kernels replaced by their CPU references (``tests/support/gpu_plane.py``);
-``tests/gpu/test_gpu_parity.py`` runs the same table against the real kernels on a GPU.
+``gpu-feeds`` is that plane in two feed processes that embed through the fast front's ring to the node's
+engine (``edge.gpu_feed: workers``, the layout a GPU node runs); ``tests/gpu/test_gpu_parity.py`` runs the same table against the real kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ def edges(edge_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     nodes: dict[str, tuple[list[str], list[str] | None]] = {
         dataplane: (["--dataplane", dataplane, "--workers", "2"], None) for dataplane in TRANSPORTS}
     nodes["gpu-reference"] = ([], GPU_REFERENCE)
+    # The same plane in two feed processes embedding through the fast front's ring (edge.gpu_feed=workers).
+    nodes["gpu-feeds"] = (["--workers", "2"], GPU_REFERENCE)
     with parity_edges(edge_data_dir, tmp_path_factory.mktemp("parity"), nodes) as started:
         yield started
 
 
 class TestParity(ParityTable):
-    BYTE_TRANSPORTS = ("fast", "gpu-reference")
+    BYTE_TRANSPORTS = ("fast", "gpu-reference", "gpu-feeds")

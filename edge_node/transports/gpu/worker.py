@@ -1,0 +1,91 @@
+"""The gpu data plane in a feed process: one of ``edge.workers`` processes on the node's SO_REUSEPORT port.
+
+The node process runs the fast front's layout (:class:`~edge_node.transports.fast.front.FastTransport`
+with ``plane="gpu"``): it owns the engine and the slot batcher, and starts the feed processes. Each of
+them builds the node in its worker role, as an HTTP worker does, but serves with
+:class:`~edge_node.transports.gpu.server.GpuDataplane` instead of the httptools listener: its own CUDA
+context, parse/admit/build kernels and GPU ring, its bursts parsed on the GPU, and the pipeline's embed
+stage going through the shared-memory ring (:class:`~edge_node.transports.fast.ring_embedder.RingEmbedder`)
+to the one engine. One process held the plane to ~2,500 req/s on the H200 (its one event loop ran the
+feed, the pipeline, the batcher and the engine's Python: issue 15); the processes scale that the way
+the fast front's workers do, and the engine still sees whole batches from all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from edge_node.transports.fast.channel import send_message
+from edge_node.transports.fast.worker import WorkerHandoff, WorkerTransport
+from edge_node.transports.gpu.feed import FeedLimits
+from edge_node.transports.gpu.server import GpuDataplane, refuse_tls
+
+if TYPE_CHECKING:
+    from edge_node.transports.base import TransportHost
+    from edge_node.transports.gpu.device import HttpDevice
+    from gazsi_cluster.config import LimitsConfig
+
+__all__ = ["GpuWorkerTransport"]
+
+
+class GpuWorkerTransport(WorkerTransport):
+    """A feed process's transport: the GPU data plane on the shared port, embedding through the ring.
+
+    ``device`` is for tests: the CPU reference of the kernels instead of the CUDA ones.
+    """
+
+    name = "gpu-worker"
+
+    def __init__(self, node: TransportHost, handoff: WorkerHandoff, *,
+                 device: Callable[[int], HttpDevice] | None = None) -> None:
+        refuse_tls(node.settings)
+        super().__init__(node, handoff)
+        self.plane: GpuDataplane | None = None
+        self._device = device
+        self._reporter: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self._reporter = asyncio.create_task(self._report(), name="gazsi-gpu-feed-report")
+
+    async def _report(self) -> None:
+        """The plane's counters and stage table to the node each second: its /readyz shows every feed's."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.plane is not None:
+                with contextlib.suppress(OSError):  # the node is going away
+                    send_message(self.handoff.status_fd, {"op": "plane", "worker": self.handoff.worker,
+                                                          "gpu": dict(self.plane.stats),
+                                                          "gpu_stages_us": self.plane.stage_summary()})
+
+    async def _listen(self, sock: socket.socket) -> None:
+        node, edge = self.node, self.node.settings.edge
+        assert node.pipeline is not None
+        self.plane = GpuDataplane(node.pipeline, limits=FeedLimits.from_config(self._per_worker(node.settings.limits)),
+                                  max_pending=edge.gpu_queue_capacity, slot_wait_s=edge.gpu_slot_wait_s,
+                                  retry_after_s=node.settings.limits.retry_after_s, device=self._device)
+        self.plane.start()
+        await self.plane.serve(sock=sock)
+
+    async def _stop_listening(self, timeout_s: float) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporter
+        if self.plane is not None:
+            await self.plane.stop(timeout_s)
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        if self.plane is not None:
+            self.plane.limits = FeedLimits.from_config(self._per_worker(limits))
+
+    def readiness(self) -> dict[str, Any]:
+        detail = super().readiness()
+        if self.plane is not None:
+            detail["gpu"] = dict(self.plane.stats)
+            detail["gpu_stages_us"] = self.plane.stage_summary()
+        return detail
