@@ -6,9 +6,12 @@ them builds the node in its worker role, as an HTTP worker does, but serves with
 :class:`~edge_node.transports.gpu.server.GpuDataplane` instead of the httptools listener: its own CUDA
 context, parse/admit/build kernels and GPU ring, its bursts parsed on the GPU, and the pipeline's embed
 stage going through the shared-memory ring (:class:`~edge_node.transports.fast.ring_embedder.RingEmbedder`)
-to the one engine. One process held the plane to ~2,500 req/s on the H200 (its one event loop ran the
-feed, the pipeline, the batcher and the engine's Python: issue 15); the processes scale that the way
-the fast front's workers do, and the engine still sees whole batches from all of them.
+to the one engine, which still sees whole batches from all of them. One process held the plane to
+2,539 ``/inference`` req/s on the H200 (its one event loop ran the feed, the pipeline, the batcher and
+the engine's Python: issue 15); ten feed processes served 10,752 in the same lease, with no errors, but
+at 1.08 ms of CPU per request: each feed has a CUDA context of its own, the GPU time-slices eleven of
+them, and every synchronise spins meanwhile (docs/benchmarks.md, 2026-12-04). One context for the
+feeds' kernels is the next step.
 """
 
 from __future__ import annotations
