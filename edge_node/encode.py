@@ -49,7 +49,8 @@ def sample_json(values: Iterable[float]) -> bytes:
     >>> sample_json([0.5, -0.0, float("nan")])
     b'[0.500000,-0.000000,null]'
     """
-    parts = [b"%.6f" % float(v) if float(v) - float(v) == 0.0 else b"null" for v in values]
+    floats = values.tolist() if isinstance(values, np.ndarray) else [float(v) for v in values]
+    parts = [b"%.6f" % v if v - v == 0.0 else b"null" for v in floats]
     return b"[" + b",".join(parts) + b"]"
 
 
