@@ -291,6 +291,12 @@ class EdgeConfig(_Section):
         "CPU each); node = the node process alone (kernels, pipeline and engine on one event loop: 2,539 req/s "
         "at 0.42 ms).",
     )
+    gpu_sync: Literal["auto", "spin", "yield", "blocking"] = Field(
+        "auto", description="gpu data plane: how a feed process's CPU waits for its kernels (the CUDA device "
+        "schedule flag, set before the process makes its CUDA context): auto = CUDA's choice (it spins while "
+        "there are fewer contexts than cores), spin, yield, blocking (sleep until the GPU signals). Ten feed "
+        "processes spinning cost 1.08 ms of CPU per request on the H200; which wins is not measured yet.",
+    )
     gpu_slot_wait_s: float = Field(
         0.5, gt=0, le=60, description="gpu data plane: how long an /inference request may wait for a free ring "
         "slot before it gets 429 with Retry-After (limits.retry_after_s).",

@@ -10,6 +10,7 @@ use, never at module import). The tests drive the same data plane with a CPU ref
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Protocol
@@ -19,7 +20,9 @@ import numpy as np
 from . import _layout as L
 from .ring import HostRing
 
-__all__ = ["CudaDevice", "HttpDevice", "ring_module"]
+__all__ = ["SCHEDULE_FLAGS", "CudaDevice", "HttpDevice", "ring_module", "set_schedule"]
+
+log = logging.getLogger(__name__)
 
 
 class HttpDevice(Protocol):
@@ -50,11 +53,32 @@ def ring_module() -> Any:
     return cp.RawModule(code=src, options=("--std=c++17",))
 
 
-class CudaDevice:
-    """GPU buffers, the mapped ring and the kernels for bursts of up to ``capacity`` heads."""
+# cudaDeviceScheduleAuto / Spin / Yield / BlockingSync (CUDA runtime API, cudaSetDeviceFlags).
+SCHEDULE_FLAGS = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}
 
-    def __init__(self, capacity: int = 1024) -> None:
+
+def set_schedule(sync: str) -> None:
+    """How this process's CPU waits for the GPU (``edge.gpu_sync``); only before its CUDA context exists."""
+    if sync == "auto":
+        return
+    import cupy as cp
+
+    try:
+        cp.cuda.runtime.setDeviceFlags(SCHEDULE_FLAGS[sync])
+    except cp.cuda.runtime.CUDARuntimeError as exc:  # a context exists already (the engine made it)
+        log.warning("edge.gpu_sync=%s not applied: %s (this process already has a CUDA context)", sync, exc)
+
+
+class CudaDevice:
+    """GPU buffers, the mapped ring and the kernels for bursts of up to ``capacity`` heads.
+
+    ``sync``: :func:`set_schedule` first (``edge.gpu_sync``).
+    """
+
+    def __init__(self, capacity: int = 1024, *, sync: str = "auto") -> None:
         import cupy as cp
+
+        set_schedule(sync)
 
         from .control import MappedBuffer
         from .kernels import GpuHttpEngine

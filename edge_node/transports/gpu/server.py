@@ -73,7 +73,7 @@ if TYPE_CHECKING:
     from .device import HttpDevice
     from .ring import HostRing
 
-__all__ = ["GpuDataplane", "GpuTransport", "refuse_tls"]
+__all__ = ["GpuDataplane", "GpuTransport", "cuda_device", "refuse_tls"]
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,14 @@ def _authorization(head: bytes, row: np.ndarray) -> str | None:
     return head[off:off + n].decode("latin-1")
 
 
-def _cuda_device(capacity: int) -> HttpDevice:
-    from .device import CudaDevice
+def cuda_device(sync: str = "auto") -> Callable[[int], HttpDevice]:
+    """The CUDA kernels' device factory, waiting for the GPU as ``edge.gpu_sync`` says."""
+    def make(capacity: int) -> HttpDevice:
+        from .device import CudaDevice
 
-    return CudaDevice(capacity)
+        return CudaDevice(capacity, sync=sync)
+
+    return make
 
 
 class GpuDataplane:
@@ -140,7 +144,7 @@ class GpuDataplane:
         self.limits = limits or FeedLimits()
         self.per_client: Counter[str] = Counter()
         self.connections: weakref.WeakSet[FeedConnection] = weakref.WeakSet()
-        self._make_device = device or _cuda_device
+        self._make_device = device or cuda_device()
         self.device: HttpDevice | None = None
         self._pending: _Burst = []
         # Hot /inference heads that found every ring slot taken, a heap by arrival: (t0, seq, conn, head,
@@ -533,7 +537,8 @@ class GpuTransport:
         assert node.pipeline is not None
         self.plane = GpuDataplane(node.pipeline, limits=FeedLimits.from_config(node.settings.limits),
                                   max_pending=edge.gpu_queue_capacity, slot_wait_s=edge.gpu_slot_wait_s,
-                                  retry_after_s=node.settings.limits.retry_after_s, device=self._device)
+                                  retry_after_s=node.settings.limits.retry_after_s,
+                                  device=self._device or cuda_device(edge.gpu_sync))
         self.plane.start()
         await self.plane.serve(edge.host, edge.port)
         self.port = self.plane.port

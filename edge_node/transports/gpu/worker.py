@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from edge_node.transports.fast.channel import send_message
 from edge_node.transports.fast.worker import WorkerHandoff, WorkerTransport
 from edge_node.transports.gpu.feed import FeedLimits
-from edge_node.transports.gpu.server import GpuDataplane, refuse_tls
+from edge_node.transports.gpu.server import GpuDataplane, cuda_device, refuse_tls
 
 if TYPE_CHECKING:
     from edge_node.transports.base import TransportHost
@@ -70,7 +70,8 @@ class GpuWorkerTransport(WorkerTransport):
         assert node.pipeline is not None
         self.plane = GpuDataplane(node.pipeline, limits=FeedLimits.from_config(self._per_worker(node.settings.limits)),
                                   max_pending=edge.gpu_queue_capacity, slot_wait_s=edge.gpu_slot_wait_s,
-                                  retry_after_s=node.settings.limits.retry_after_s, device=self._device)
+                                  retry_after_s=node.settings.limits.retry_after_s,
+                                  device=self._device or cuda_device(edge.gpu_sync))
         self.plane.start()
         await self.plane.serve(sock=sock)
 
