@@ -171,7 +171,8 @@ def choose_dataplane(
         ("DOCA GPUNetIO library not loadable", has_doca),
     ) if not ok]
     if not missing:
-        return _logged("gpunetio", f"{requested}: GPU, SmartNIC {nics[0].pci_address} and DOCA GPUNetIO present")
+        return _logged("gpunetio", f"{requested}: GPU, SmartNIC {nics[0].pci_address} and DOCA GPUNetIO present "
+                               "(requests still arrive through the host socket feed: no GPUNetIO receive path yet)")
     return _logged("fast", f"{requested}: fast front, because " + "; ".join(missing))
 
 

@@ -114,8 +114,8 @@ class EdgeNode:
     @property
     def multi_process(self) -> bool:
         """The node process feeds the engine from worker processes through the ring (fast, or gpu feeds)."""
-        return self.worker is None and (
-            self.dataplane == "fast" or (self.dataplane == "gpu" and self.settings.edge.gpu_feed == "workers"))
+        return self.worker is None and (self.dataplane == "fast" or (
+            self.dataplane in ("gpu", "gpunetio") and self.settings.edge.gpu_feed == "workers"))
 
     def _assemble(self, engine: Engine | None) -> Transport:
         """Pick the transport and build the pipeline the way that transport needs it."""
@@ -139,7 +139,7 @@ class EdgeNode:
             if self.multi_process:
                 from edge_node.transports.fast.front import FastTransport
 
-                if mode == "gpu":
+                if mode != "fast":
                     from edge_node.transports.gpu.server import refuse_tls
 
                     refuse_tls(settings)  # before any feed process starts
