@@ -32,13 +32,14 @@ def _advertised_host(bind_host: str) -> str:
 
 
 def _sized_to_replica(settings: Settings) -> Settings:
-    """The fast front's worker count from the CPUs Serve reserved for this replica (``num_cpus``).
+    """The fast front's workers (or the gpu plane's feed processes) from the CPUs Serve reserved for this
+    replica (``num_cpus``).
 
     Two of them stay with the engine's threads and the node's own loop; an operator's explicit
     ``edge.workers`` wins. Sizing from the reservation, not the machine, keeps replicas that share a
     node from oversubscribing it.
     """
-    if settings.edge.workers or settings.edge.dataplane not in ("auto", "fast"):
+    if settings.edge.workers or settings.edge.dataplane == "asgi":
         return settings
     import ray
 

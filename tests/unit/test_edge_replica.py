@@ -9,12 +9,14 @@ after, so a version that keeps the old object fails it.
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from deployments.edge import EdgeReplica
+from deployments.edge import EdgeReplica, _sized_to_replica
 from edge_node.engines.fake import FakeEngine
 from edge_node.node import EdgeNode
 from gazsi_cluster.config import load_settings
@@ -82,3 +84,13 @@ async def test_reconfigure_reaches_the_request_path(tmp_path: Path) -> None:
             assert node.settings.batcher.max_wait_us == 20_000
             replica.reconfigure({})
             assert node.settings.limits.max_inputs_per_request == 2
+
+
+@pytest.mark.parametrize(("dataplane", "workers", "expected"), [
+    ("auto", 0, 6), ("fast", 0, 6), ("gpu", 0, 6), ("gpunetio", 0, 6), ("asgi", 0, 0), ("gpu", 3, 3)])
+def test_workers_and_gpu_feeds_are_sized_from_the_replicas_cpus(monkeypatch, dataplane: str, workers: int,
+                                                                 expected: int) -> None:
+    context = SimpleNamespace(get_assigned_resources=lambda: {"CPU": 8.0, "GPU": 1.0})
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(get_runtime_context=lambda: context))
+    settings = load_settings(edge={"dataplane": dataplane, "workers": workers})
+    assert _sized_to_replica(settings).edge.workers == expected
