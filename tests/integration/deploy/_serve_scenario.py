@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -153,7 +154,9 @@ def main() -> None:
         }
         result["route"] = route
 
-        ray.init(address="auto", namespace="serve", log_to_driver=False)
+        # This cluster, never another Ray on the machine ("auto" and the state API pick any of them).
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
+        ray.init(address=os.environ["RAY_ADDRESS"], namespace="serve", log_to_driver=False)
         from ray.util.state import list_actors
 
         def edge_replicas() -> list:

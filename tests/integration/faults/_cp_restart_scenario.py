@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def connect_driver(namespace: str) -> None:
     # On an overloaded runner the driver's first GCS lookup can time out; it is not the subject.
     for attempt in range(3):
         try:
-            ray.init(address="auto", namespace=namespace, log_to_driver=False)
+            ray.init(address=os.environ["RAY_ADDRESS"], namespace=namespace, log_to_driver=False)
             return
         except ConnectionError:
             if attempt == 2:
@@ -223,6 +224,8 @@ def main() -> None:
         result["ready_after_s"] = round(wait_routable(dashboard, gateway), 1)
         key = asyncio.run(create_key(data_dir))
 
+        # This cluster, never another Ray on the machine ("auto" and the state API pick any of them).
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
         connect_driver(NAMESPACE)
         handle = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
         # A heartbeat late on a loaded 2-core machine makes an edge suspect for a moment: start
