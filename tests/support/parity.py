@@ -183,7 +183,14 @@ def check_case(edges: dict[str, EdgeProcess], method: str, path: str, body: Any,
         for h in SAME_HEADERS:
             assert got.headers.get(h) == ref.headers.get(h), f"{name} header {h}"
         if method == "HEAD":
-            assert got.content == b"" and got.headers.get("content-length") == ref.headers.get("content-length")
+            assert got.content == b"", name
+            length, ref_length = got.headers.get("content-length"), ref.headers.get("content-length")
+            if status == 200 and path.startswith("/inference"):
+                # The body it stands for carries inference_time_us and batch_size: their digits vary by run.
+                assert length is not None and ref_length is not None, name
+                assert abs(int(length) - int(ref_length)) <= 4, (name, length, ref_length)
+            else:
+                assert length == ref_length, (name, length, ref_length)
 
 
 def check_identical_bodies(edges: dict[str, EdgeProcess]) -> None:
