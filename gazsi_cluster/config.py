@@ -30,6 +30,7 @@ __all__ = [
     "LimitsConfig",
     "Settings",
     "TLSConfig",
+    "TunnelConfig",
     "load_settings",
     "settings_from_dump",
 ]
@@ -224,6 +225,33 @@ class ClusterClientTLSConfig(_Section):
         return self.ca_file is not None
 
 
+class TunnelConfig(_Section):
+    """Reverse tunnels (issue 17): an edge that cannot be reached dials the gateway tier and is served through
+    that connection (HTTP/2 with roles reversed). The edge reads ``url`` and the client-side settings; a
+    gateway reads the bounds."""
+
+    url: str | None = Field(
+        None, description="edge: host:port of the gateway tier's tunnel listener to dial (the node's own "
+        "cluster certificate, from its join, is the identity); unset = no tunnel.",
+    )
+    max_streams: int = Field(100, ge=1, le=10_000, description="Requests in flight on one tunnel; more get 429.")
+    ping_interval_s: float = Field(1.0, gt=0, description="PING period on a tunnel, both ways.")
+    ping_timeout_s: float = Field(
+        3.0, gt=0, description="A tunnel whose peer answers no PING for this long is closed (node leaves routing).",
+    )
+    backoff_min_s: float = Field(0.2, gt=0, description="edge: first reconnect delay (full jitter).")
+    backoff_max_s: float = Field(10.0, gt=0, description="edge: longest reconnect delay (full jitter).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP + TLS handshake timeout of one dial.")
+    max_tunnels: int = Field(1000, ge=1, description="gateway: tunnels held at once; more are refused.")
+    max_handshakes: int = Field(
+        32, ge=1, description="gateway: TLS handshakes in progress at once; a reconnect flood beyond it is refused.",
+    )
+    orphan_grace_s: float = Field(
+        15.0, gt=0, description="gateway: a tunnel whose node the control plane has not listed for this long "
+        "(removed, revoked, dead) is closed.",
+    )
+
+
 class EdgeConfig(_Section):
     @field_validator("dataplane", mode="before")
     @classmethod
@@ -291,6 +319,17 @@ class EdgeConfig(_Section):
         description="mTLS client side of peer forwarding (an edge handing a request to another edge): the "
         "cluster CA and this edge's client certificate; needed when peers require client certificates.",
     )
+    reach: Literal["direct", "tunnel"] = Field(
+        "direct", description="How gateways reach this node: direct = they connect to its address; tunnel = "
+        "through the reverse tunnel it keeps to tunnel.url (behind NAT, no public address; issue 17).",
+    )
+    tunnel: TunnelConfig = Field(default_factory=TunnelConfig, description="The reverse tunnel (reach: tunnel).")
+
+    @model_validator(mode="after")
+    def _tunnel_needs_url(self) -> EdgeConfig:
+        if self.reach == "tunnel" and not self.tunnel.url:
+            raise ValueError("edge.reach 'tunnel' needs edge.tunnel.url (the gateway's tunnel listener host:port)")
+        return self
 
 
 class GatewayConfig(_Section):
@@ -305,6 +344,16 @@ class GatewayConfig(_Section):
         description="mTLS client side of gateway -> edge traffic (issue 18): the cluster CA and the gateway's "
         "client certificate, for edges that serve HTTPS and require cluster client certificates.",
     )
+    tunnel_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of the reverse-tunnel listener edges behind NAT dial (issue 17); "
+        "None = no tunnels. Needs tunnel_tls with the cluster CA as client_ca_file.",
+    )
+    tunnel_host: str = Field("127.0.0.1", description="Bind address of the reverse-tunnel listener.")
+    tunnel_tls: TLSConfig = Field(
+        default_factory=TLSConfig, description="The tunnel listener's certificate (from the cluster CA) and "
+        "client_ca_file = the cluster CA: only nodes it signed may open a tunnel.",
+    )
+    tunnel: TunnelConfig = Field(default_factory=TunnelConfig, description="Tunnel bounds on the gateway side.")
 
 
 class ControlPlaneConfig(_Section):
