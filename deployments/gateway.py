@@ -47,7 +47,8 @@ class GatewayDeployment:
         start = getattr(self.authorizer, "start", None)
         if start is not None:
             await start()
-        link = RayLink(get_or_create_control_plane(self.settings))
+        link = RayLink(get_or_create_control_plane(
+            self.settings, serve_https=self.settings.control_plane.serve_https))
         self.follower = TableFollower(link.table, refresh_s=self.settings.control_plane.table_refresh_s)
         with contextlib.suppress(Exception):
             await self.follower.refresh()

@@ -386,6 +386,15 @@ class ControlPlaneConfig(_Section):
     connect_timeout_s: float = Field(0.5, gt=0, description="Connect timeout; a refused node fails fast.")
     hedge: bool = Field(False, description="Send a second copy after ~p95 latency and keep the faster.")
     node_cert_days: int = Field(30, ge=1, description="Validity of node certificates issued at join.")
+    # Added for nodes outside the cluster (issue 17).
+    serve_https: bool = Field(
+        False, description="Run the HTTPS join/heartbeat API (host:port) in the control plane actor, for edges "
+        "joining from other machines; `gazsi up` turns it on.",
+    )
+    join_token_file: Path | None = Field(
+        None, description="File holding the join token (mode 0600), read when join_token is unset: keeps the "
+        "secret out of Serve configs and environments (`gazsi up` writes <data dir>/cluster/join-token).",
+    )
 
     @model_validator(mode="after")
     def _dead_after_suspect(self) -> ControlPlaneConfig:
