@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from control_plane.ca import ClusterCA
@@ -19,8 +18,8 @@ from control_plane.metrics import ControlPlaneMetrics
 from control_plane.persistence import MemoryStore, PostgresStore, Store
 from control_plane.registry import Registry
 from control_plane.state import NodeRecord, Thresholds
-from gazsi_cluster.config import Settings
-from gazsi_cluster.errors import ConfigError, InvalidRequest
+from gazsi_cluster.config import Settings, read_join_token
+from gazsi_cluster.errors import InvalidRequest
 from gazsi_cluster.protocol import NodeFacts, NodeLoad
 from gazsi_cluster.routing.table import RoutingTable
 
@@ -69,7 +68,7 @@ class ControlPlane:
         self.store = store or (PostgresStore(cfg.database_url) if cfg.database_url else MemoryStore())
         self.thresholds = Thresholds(cfg.heartbeat_interval_s, cfg.suspect_after_missed, cfg.dead_after_missed)
         self.registry = Registry(
-            join_token=cfg.join_token or _read_token(cfg.join_token_file), thresholds=self.thresholds, join_rate_per_s=cfg.join_rate_per_s,
+            join_token=read_join_token(cfg), thresholds=self.thresholds, join_rate_per_s=cfg.join_rate_per_s,
             join_burst=cfg.join_burst, clock=clock, sinks=[self.store, self.metrics],
         )
         self._clock = clock
@@ -187,16 +186,3 @@ def _parse(model: Any, data: Any, param: str, **context: Any) -> Any:
         where = ".".join(str(p) for p in first.get("loc", ()))
         log.warning("rejected malformed %s: %s %s", param, where, first.get("msg"))
         raise InvalidRequest(f"{param}.{where}: {first.get('msg')}", param=param, **context) from exc
-
-
-def _read_token(path: Path | None) -> str | None:
-    """The join token in ``path`` (``control_plane.join_token_file``), or None when no file is set."""
-    if path is None:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read control_plane.join_token_file {path}: {exc}") from exc
-    if not token:
-        raise ConfigError(f"control_plane.join_token_file {path} is empty")
-    return token

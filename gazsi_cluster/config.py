@@ -32,6 +32,7 @@ __all__ = [
     "TLSConfig",
     "TunnelConfig",
     "load_settings",
+    "read_join_token",
     "settings_from_dump",
 ]
 
@@ -517,3 +518,21 @@ def settings_from_dump(data: dict[str, Any]) -> Settings:
         return _ExplicitSettings(**data)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+def read_join_token(cfg: ControlPlaneConfig) -> str | None:
+    """``join_token``, else the contents of ``join_token_file`` (both sides: the control plane checks it, an
+    edge in the same cluster presents it), else None (an open cluster). Read once, at start-up.
+
+    >>> read_join_token(ControlPlaneConfig(join_token="t"))
+    't'
+    """
+    if cfg.join_token or cfg.join_token_file is None:
+        return cfg.join_token
+    try:
+        token = Path(cfg.join_token_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read control_plane.join_token_file {cfg.join_token_file}: {exc}") from exc
+    if not token:
+        raise ConfigError(f"control_plane.join_token_file {cfg.join_token_file} is empty")
+    return token

@@ -55,6 +55,15 @@ class TunnelCluster:
     def tunnel_addr(self, host: str | None = None) -> str:
         return f"{host or self.settings.gateway.tunnel_host}:{self.hub.port}"
 
+    async def restart_gateway(self) -> float:
+        """Stop the gateway and its tunnel listener, start new ones on the same tunnel port; returns when
+        the new one listens (time.monotonic())."""
+        port = self.hub.port
+        await stop_gateway(self.gateway, self.hub, self.listener)
+        self.gateway, self.hub, self.listener, self.gateway_url = await start_gateway(
+            self.settings, lambda: self.server.cp.table, tunnel_port=port)
+        return time.monotonic()
+
     def edge_args(self, token: str = TOKEN, *, tunnel_host: str | None = None) -> list[str]:
         return ["--control-plane", self.cp_url, "--join-token", token, "--ca-file", str(self.ca_cert),
                 "--tunnel", self.tunnel_addr(tunnel_host)]
