@@ -36,6 +36,7 @@ def node_view(rec: NodeRecord, now: float) -> dict[str, Any]:
         "node_id": rec.node_id,
         "state": rec.state.value,
         "url": rec.url,
+        "reach": rec.facts.reach,
         "region": rec.facts.region,
         "zone": rec.facts.zone,
         "models": rec.facts.models,

@@ -78,8 +78,9 @@ def prepare(settings: Settings) -> OutsideAccess:
         token_file = cp.join_token_file or cluster / "join-token"
         if not token_file.exists():
             write_private(token_file, secrets.token_urlsafe(32).encode())
-    # The fixed defaults (8443) may be taken on a shared machine: a free port unless one was configured.
-    cp_port = cp.port if "port" in cp.model_fields_set and cp.port else free_port()
+    # The configured port (default 8443) when it is free, so the URL operators write down stays the same;
+    # another free one when something else holds it (a shared machine), said in the printed URL.
+    cp_port = cp.port if cp.port and _bindable(cp.host, cp.port) else free_port()
     tunnel_port = gw.tunnel_port or free_port()
     hosts = list(dict.fromkeys([gw.tunnel_host, "localhost", "127.0.0.1"]))
     cert_pem, key_pem = CertAuthority.load(ca.cert_path, ca.directory / "ca.key").issue("gazsi-gateway-tunnel",
@@ -88,3 +89,14 @@ def prepare(settings: Settings) -> OutsideAccess:
     (cluster / "tunnel.crt").write_bytes(cert_pem)
     return OutsideAccess(f"https://{cp.host}:{cp_port}", str(ca.cert_path), str(token_file) if token_file else None,
                          f"{gw.tunnel_host}:{tunnel_port}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
