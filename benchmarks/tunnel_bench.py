@@ -57,8 +57,9 @@ async def _routed(cluster: TunnelCluster, limit_s: float = 60) -> str:
 
 async def throughput(tmp: Path, seconds: float, concurrency: int, rounds: int) -> dict[str, Any]:
     async with tunnel_cluster(tmp) as cluster:
+        # No response cache: every request is inferred (the load generator repeats its inputs run to run).
         edge = await asyncio.to_thread(EdgeProcess, tmp / "edge", "--dataplane", "fast", "--workers", "1",
-                                       "--no-auth", *cluster.edge_args())
+                                       "--no-auth", *cluster.edge_args(), env={"GAZSI_CACHE__ENABLED": "false"})
         try:
             node_id = await _routed(cluster)
             direct_table = RoutingTable(1, 1, (NodeEntry(node_id, edge.url, models=(MODEL,)),))
@@ -70,8 +71,10 @@ async def throughput(tmp: Path, seconds: float, concurrency: int, rounds: int) -
             out: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
             try:
                 await loop.run_in_executor(pool, _load, edge.url, 3.0, concurrency)  # warm the engine
-                for _ in range(rounds):
-                    for name, url in paths.items():
+                names = list(paths)
+                for i in range(rounds):  # the order rotates, so no path always runs first or last
+                    for name in names[i % len(names):] + names[:i % len(names)]:
+                        url = paths[name]
                         out[name].append(await loop.run_in_executor(pool, _load, url, seconds, concurrency))
             finally:
                 pool.shutdown()
@@ -82,10 +85,12 @@ async def throughput(tmp: Path, seconds: float, concurrency: int, rounds: int) -
 
 
 async def drops(tmp: Path, repeats: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"kill -9": [], "SIGSTOP (PING timeout)": []}
+    """ms until the node is out of the gateway's table, and until its tunnel is closed."""
+    times: dict[str, list[float]] = {"kill -9": [], "kill -9 tunnel closed": [], "SIGSTOP": [],
+                                     "SIGSTOP tunnel closed": []}
     async with tunnel_cluster(tmp) as cluster:
         for i in range(repeats):
-            for how, sig in (("kill -9", signal.SIGKILL), ("SIGSTOP (PING timeout)", signal.SIGSTOP)):
+            for how, sig in (("kill -9", signal.SIGKILL), ("SIGSTOP", signal.SIGSTOP)):
                 edge = await asyncio.to_thread(EdgeProcess, tmp / f"edge-{how[:4]}-{i}", "--dataplane", "fast",
                                                "--workers", "1", "--no-auth", "--backend", "fake",
                                                *cluster.edge_args())
@@ -98,6 +103,12 @@ async def drops(tmp: Path, repeats: int) -> dict[str, list[float]]:
 
                 await until(gone, 15, "the dropped node out of the table", step_s=0.002)
                 times[how].append(round((time.monotonic() - dropped) * 1000, 1))
+
+                async def closed(n: str = node_id) -> bool | None:
+                    return True if n not in cluster.hub.tunnels else None
+
+                await until(closed, 15, "the dropped node's tunnel closed", step_s=0.002)
+                times[f"{how} tunnel closed"].append(round((cluster.hub.closed_at[node_id] - dropped) * 1000, 1))
                 edge.proc.kill()
                 edge.proc.wait(10)
     return times

@@ -108,9 +108,21 @@ class TunnelHub:
         self._view_key: tuple[int, int, int] | None = None
         self._view: RoutingTable | None = None
         self._orphans: dict[str, float] = {}
+        self._source: Callable[[], RoutingTable] | None = None  # the control plane's table, set by view()
 
     async def start(self, sock: Any) -> None:
         self._server = await asyncio.start_server(self._accept, sock=sock)
+        sweeper = asyncio.create_task(self._sweep(), name="gazsi-tunnel-sweeper")
+        self._tasks.add(sweeper)
+        sweeper.add_done_callback(self._tasks.discard)
+
+    async def _sweep(self) -> None:
+        # On a timer, not per request: a table that stops changing must still let orphans go.
+        while True:
+            await asyncio.sleep(min(1.0, self.orphan_grace_s / 2))
+            if self._source is not None:
+                with contextlib.suppress(Exception):  # a table that cannot be read now is read next time
+                    await self._prune(self._source())
 
     @property
     def port(self) -> int:
@@ -187,7 +199,9 @@ class TunnelHub:
 
     # -- routing ---------------------------------------------------------------------------
     def view(self, table: Callable[[], RoutingTable]) -> Callable[[], RoutingTable]:
-        """``table`` without the ``tunnel://`` nodes this gateway holds no tunnel for (cached per version)."""
+        """``table`` without the ``tunnel://`` nodes this gateway holds no tunnel for (cached per version);
+        ``table`` is also what tunnels of unlisted nodes are swept against."""
+        self._source = table
 
         def current() -> RoutingTable:
             t = table()
@@ -200,7 +214,6 @@ class TunnelHub:
         return current
 
     def _filter(self, t: RoutingTable) -> RoutingTable:
-        self._prune(t)
         if not any(n.url.startswith(TUNNEL_SCHEME) for n in t.nodes):
             return t
         nodes = tuple(n for n in t.nodes if not n.url.startswith(TUNNEL_SCHEME)
@@ -208,17 +221,23 @@ class TunnelHub:
         # Its own membership version: policies cache rings per membership, and this one differs from t's.
         return RoutingTable(t.version, t.membership_version * 1_000_003 + self.generation, nodes)
 
-    def _prune(self, t: RoutingTable) -> None:
-        """Close tunnels of nodes the control plane has not listed for ``orphan_grace_s`` (removed, revoked, dead)."""
+    async def _prune(self, t: RoutingTable) -> None:
+        """Close tunnels of nodes the control plane has not listed for ``orphan_grace_s`` (removed, revoked, dead).
+
+        A grace, not at once: a joining node is in no table until its first heartbeats, and a node that
+        drains leaves the table while its last requests still come back through the tunnel.
+        """
         now = time.monotonic()
         for node_id in list(self.tunnels):
             if node_id in t.by_id:
                 self._orphans.pop(node_id, None)
             elif now - self._orphans.setdefault(node_id, now) > self.orphan_grace_s:
                 self._orphans.pop(node_id, None)
-                task = asyncio.create_task(self.close_node(node_id, "the control plane no longer lists this node"))
-                self._tasks.add(task)  # type: ignore[arg-type]
-                task.add_done_callback(self._tasks.discard)
+                self.refused["not listed by the control plane"] = self.refused.get("not listed by the control plane",
+                                                                                   0) + 1
+                log.warning("closing the tunnel of node %s: the control plane has not listed it for %.0fs "
+                            "(removed, revoked or dead)", node_id, self.orphan_grace_s)
+                await self.close_node(node_id, "the control plane no longer lists this node")
 
     async def send(self, node_id: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
                    timeout_s: float) -> Response:

@@ -181,3 +181,33 @@ async def test_a_missing_join_token_is_refused(cluster: TunnelCluster, tmp_path:
     assert proc.returncode == 2, text
     assert "no join token" in text and "--join-token" in text, text
     assert not cluster.hub.tunnels and not cluster.server.cp.list_nodes()
+
+
+async def test_the_tunnel_of_a_node_the_control_plane_does_not_list_is_closed(tmp_path: Path) -> None:
+    from gazsi_cluster.tunnel import TunnelConnection
+
+    async with tunnel_cluster(tmp_path, gateway={"tunnel": {"orphan_grace_s": 0.5}}) as cluster:
+        # A certificate the cluster CA signed once, for a node the control plane no longer has (removed,
+        # or its certificate revoked with it): the tunnel opens, then is closed within the grace.
+        ghost = create_deployment_certs(cluster.tls_dir, hosts=["127.0.0.1"], clients=["n-ghost"], overwrite=True)
+        ctx = _ctx(*ghost.clients["n-ghost"], cluster.ca_cert)
+        reader, writer = await asyncio.open_connection("127.0.0.1", cluster.hub.port, ssl=ctx,
+                                                       server_hostname="127.0.0.1")
+
+        async def never(*_: object):  # pragma: no cover - nothing is routed to an unlisted node
+            raise AssertionError("routed to an unlisted node")
+
+        edge = TunnelConnection(reader, writer, client_side=False, name="ghost", handler=never)
+        await edge.start()
+        try:
+            async def up() -> bool | None:
+                return True if "n-ghost" in cluster.hub.tunnels else None
+
+            await until(up, 5, "the ghost's tunnel accepted (its certificate is the cluster's)")
+            opened = time.monotonic()
+            await asyncio.wait_for(edge.closed.wait(), 5)
+            print(f"unlisted node's tunnel closed after {time.monotonic() - opened:.2f}s")
+            assert cluster.hub.refused.get("not listed by the control plane") == 1, cluster.hub.refused
+            assert "n-ghost" not in cluster.hub.tunnels
+        finally:
+            await edge.aclose()
