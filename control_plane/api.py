@@ -169,7 +169,8 @@ def create_app(cp: ControlPlane, *, policy: RoutingPolicy | None = None) -> Fast
     install_error_handlers(app)
     app.include_router(node_router(cp, authorize_table=admin))
     app.include_router(admin_router(cp, admin))
-    pol = policy or make_policy(cp.config.routing_policy, region=cp.config.client_region)
+    pol = policy or make_policy(cp.config.routing_policy, region=cp.config.client_region,
+                                fallbacks=cp.config.region_fallbacks)
     app.include_router(route_router(lambda: cp.table, pol, admin,
                                     on_decision=lambda name: cp.metrics.routing.decisions.labels(name).inc()))
 

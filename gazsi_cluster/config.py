@@ -382,6 +382,10 @@ class ControlPlaneConfig(_Section):
         0.25, gt=0, description="How often gateways/edges pull the routing table (and the table is rebuilt)."
     )
     client_region: str | None = Field(None, description="Region a gateway prefers for affinity routing.")
+    region_fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict, description="affinity routing: per region, the regions to fail over to, nearest "
+        "first (e.g. {eu-west: [eu-central, us-east]}); then any region.",
+    )
     retry_attempts: int = Field(3, ge=1, le=10, description="Nodes one request may try (first try included).")
     request_timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of a routed request.")
     connect_timeout_s: float = Field(0.5, gt=0, description="Connect timeout; a refused node fails fast.")

@@ -52,7 +52,7 @@ class Gateway:
         self.tunnels = tunnels
         self.table = table = tunnels.view(table) if tunnels is not None else table
         cfg = settings.control_plane
-        self.policy = make_policy(cfg.routing_policy)
+        self.policy = make_policy(cfg.routing_policy, region=cfg.client_region, fallbacks=cfg.region_fallbacks)
         self.routing_metrics = RoutingMetrics()
         self.routing = RoutingClient(
             table, self.policy, http=http, hedge=cfg.hedge, metrics=self.routing_metrics,

@@ -152,3 +152,41 @@ async def test_a_tunnel_stalled_mid_response_gets_an_openai_shaped_error(tmp_pat
 
 async def _has(d: dict[str, object], key: str) -> bool | None:
     return True if key in d else None
+
+
+def _answered(admin: str) -> int:
+    import re
+
+    text = httpx.get(admin + "/metrics", timeout=5).text
+    pattern = r'gazsi_requests_total\{[^}]*route="/v1/embeddings"[^}]*status="200"[^}]*\} ([\d.e+]+)'
+    return sum(int(float(v)) for v in re.findall(pattern, text))
+
+
+async def test_the_near_region_answers_and_the_far_one_takes_over_when_it_dies(tmp_path: Path) -> None:
+    cp = {"routing_policy": "affinity", "client_region": "eu-west", "region_fallbacks": {"eu-west": ["us-east"]}}
+    async with tunnel_cluster(tmp_path, control_plane=cp) as cluster:
+        edges = {}
+        for region in ("eu-west", "us-east", "ap-south"):
+            edges[region] = await asyncio.to_thread(
+                EdgeProcess, tmp_path / region, "--dataplane", "fast", "--workers", "1", "--no-auth", "--backend",
+                "fake", "--region", region, *cluster.edge_args())
+        try:
+            await until(lambda: _ready(cluster, 3), 30, "three tunnelled edges routable")
+            async with httpx.AsyncClient(timeout=30) as http:
+                async def send(n: int, **headers: str) -> list[int]:
+                    return [(await http.post(cluster.gateway_url + "/v1/embeddings", json=BODY,
+                                             headers=headers)).status_code for _ in range(n)]
+
+                assert await send(20) == [200] * 20
+                served = {r: await asyncio.to_thread(_answered, e.admin) for r, e in edges.items()}
+                assert served == {"eu-west": 20, "us-east": 0, "ap-south": 0}, served  # the gateway's own region
+                assert await send(5, **{"X-Gazsi-Region": "ap-south"}) == [200] * 5  # the client's region wins
+                assert await asyncio.to_thread(_answered, edges["ap-south"].admin) == 5
+                os.kill(edges["eu-west"].proc.pid, signal.SIGKILL)
+                assert await send(20) == [200] * 20  # failover: the next nearest region, not any region
+                served = {r: await asyncio.to_thread(_answered, e.admin) for r, e in edges.items() if r != "eu-west"}
+                assert served == {"us-east": 20, "ap-south": 5}, served
+        finally:
+            for edge in edges.values():
+                if edge.proc.poll() is None:
+                    await asyncio.to_thread(edge.stop)
