@@ -151,7 +151,8 @@ def main() -> None:
                                          f" errors {r['errors'] or 0}" for r in runs), flush=True)
     result["drop_ms"] = asyncio.run(drops(tmp / "drop", args.repeats))
     for how, ms in result["drop_ms"].items():
-        print(f"drop ({how}) -> out of the table: median {statistics.median(ms):.1f} ms, all {ms}", flush=True)
+        what = "tunnel closed" if how.endswith("tunnel closed") else "out of the gateway's table"
+        print(f"drop ({how}) -> {what}: median {statistics.median(ms):.1f} ms, all {ms}", flush=True)
     result["reconnect_ms"] = asyncio.run(reconnects(tmp / "reconnect", args.repeats))
     ms = result["reconnect_ms"]
     print(f"gateway restart -> tunnel back: median {statistics.median(ms):.1f} ms, all {ms}", flush=True)
