@@ -211,3 +211,35 @@ async def test_the_tunnel_of_a_node_the_control_plane_does_not_list_is_closed(tm
             assert "n-ghost" not in cluster.hub.tunnels
         finally:
             await edge.aclose()
+
+
+async def test_an_edge_refuses_a_tunnel_listener_the_cluster_ca_did_not_sign(cluster: TunnelCluster,
+                                                                              tmp_path: Path) -> None:
+    from gazsi_cluster.config import GatewayConfig
+    from gazsi_cluster.http.listener import bind_socket
+    from gazsi_cluster.tunnel import tunnel_hub
+
+    # A listener in the middle with a certificate from another CA (it would even accept the node's certificate).
+    other = create_deployment_certs(tmp_path / "mitm", hosts=["127.0.0.1"])
+    mitm = tunnel_hub(GatewayConfig(tunnel_port=0, tunnel_tls={
+        "certfile": str(other.server_cert), "keyfile": str(other.server_key),
+        "client_ca_file": str(cluster.ca_cert), "require_client_cert": True}))
+    assert mitm is not None
+    await mitm.start(bind_socket("127.0.0.1", 0))
+    args = [a if a != cluster.tunnel_addr() else f"127.0.0.1:{mitm.port}" for a in cluster.edge_args()]
+    edge = await asyncio.to_thread(EdgeProcess, tmp_path / "edge", "--dataplane", "fast", "--workers", "1",
+                                   "--no-auth", "--backend", "fake", *args)
+    try:
+        async def refused() -> dict | None:
+            ready = (await asyncio.to_thread(httpx.get, edge.admin + "/readyz", timeout=5)).json()
+            tunnel = ready.get("tunnel") or {}
+            return tunnel if tunnel.get("failures", 0) >= 2 else None
+
+        tunnel = await until(refused, 20, "the edge refusing the foreign listener twice", step_s=0.2)
+        assert "CERTIFICATE_VERIFY_FAILED" in tunnel["last_error"] and tunnel["state"] != "connected", tunnel
+        assert not mitm.tunnels and not cluster.hub.tunnels
+        # It joined the real control plane all the same; only the tunnel is refused.
+        assert [n["state"] for n in cluster.server.cp.list_nodes()] in (["healthy"], ["joining"])
+    finally:
+        await asyncio.to_thread(edge.stop)
+        await mitm.stop()
