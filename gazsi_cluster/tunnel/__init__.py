@@ -8,7 +8,14 @@ Both sides share :class:`TunnelConnection` (the wire: HTTP/2 with roles reversed
 """
 
 from gazsi_cluster.tunnel._conn import Handler, TunnelConnection
-from gazsi_cluster.tunnel.hub import TUNNEL_SCHEME, TunnelHub, TunnelSender, peer_common_name, tunnel_hub
+from gazsi_cluster.tunnel.hub import (
+           TUNNEL_SCHEME,
+           TunnelHub,
+           TunnelSender,
+           peer_common_name,
+           tunnel_hub,
+           tunnelled_ids,
+)
 
 __all__ = ["TUNNEL_SCHEME", "Handler", "TunnelConnection", "TunnelHub", "TunnelSender", "peer_common_name",
-           "tunnel_hub"]
+           "tunnel_hub", "tunnelled_ids"]

@@ -29,11 +29,25 @@ from gazsi_cluster.routing.table import RoutingTable
 from gazsi_cluster.tls import server_context
 from gazsi_cluster.tunnel._conn import TunnelConnection
 
-__all__ = ["TUNNEL_SCHEME", "TunnelHub", "TunnelSender", "peer_common_name", "tunnel_hub"]
+__all__ = ["TUNNEL_SCHEME", "TunnelHub", "TunnelSender", "peer_common_name", "tunnel_hub", "tunnelled_ids"]
 
 log = logging.getLogger(__name__)
 
 TUNNEL_SCHEME = "tunnel://"
+
+
+_tunnelled: tuple[int, int, frozenset[str]] = (0, -1, frozenset())
+
+
+def tunnelled_ids(table: RoutingTable) -> frozenset[str]:
+    """Ids of the table's ``tunnel://`` nodes: no client can dial them (``/v1/route`` skips them). Cached for the
+    last table seen, so a route decision does not scan 10,000 nodes each time."""
+    global _tunnelled
+    key_id, version, ids = _tunnelled
+    if key_id != id(table) or version != table.version:
+        ids = frozenset(n.node_id for n in table.nodes if n.url.startswith(TUNNEL_SCHEME))
+        _tunnelled = (id(table), table.version, ids)
+    return ids
 
 
 def peer_common_name(der: bytes | None) -> str | None:

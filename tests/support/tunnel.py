@@ -29,7 +29,7 @@ from gazsi_cluster.http.listener import HttpListener, bind_socket
 from gazsi_cluster.tls import create_deployment_certs
 from gazsi_cluster.tunnel import TunnelHub, tunnel_hub
 
-__all__ = ["TOKEN", "TunnelCluster", "start_gateway", "tunnel_cluster", "until"]
+__all__ = ["TOKEN", "TunnelCluster", "start_gateway", "stop_gateway", "tunnel_cluster", "until"]
 
 TOKEN = "join-s3cret-0123456789"
 ADMIN = "admin-s3cret"

@@ -147,3 +147,20 @@ def test_the_gateway_view_hides_tunnelled_nodes_without_a_tunnel() -> None:
     assert view() is seen  # cached per (table, generation): no rebuild per request
     with pytest.raises(ValueError, match="CERT_REQUIRED"):
         TunnelHub(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
+
+
+async def test_route_never_hands_a_client_a_node_behind_a_tunnel(tmp_path) -> None:
+    import httpx
+
+    from gazsi_cluster.auth import AllowAll
+    from gazsi_cluster.config import load_settings
+    from gazsi_cluster.gateway import Gateway, create_gateway_app
+
+    table = RoutingTable(3, 2, (NodeEntry("d1", "http://10.0.0.1:8000"), NodeEntry("t1", "tunnel://t1")))
+    gateway = Gateway(load_settings(data_dir=str(tmp_path), auth={"enabled": False}), authorizer=AllowAll(),
+                      table=lambda: table)
+    transport = httpx.ASGITransport(app=create_gateway_app(gateway))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        urls = {(await http.get("/v1/route")).json()["url"] for _ in range(20)}
+    assert urls == {"http://10.0.0.1:8000"}  # the tunnelled node is reachable only through the gateway
+    await gateway.aclose()
