@@ -185,7 +185,11 @@ class TunnelHub:
             return
         tunnel = TunnelConnection(reader, writer, client_side=True, name=node_id, max_streams=self.max_streams,
                                   ping_interval_s=self.ping_interval_s, ping_timeout_s=self.ping_timeout_s)
-        await tunnel.start()
+        try:
+            await tunnel.start()
+        except (OSError, ConnectionError) as exc:  # gone between the handshake and HTTP/2's preface
+            self._refuse(f"the connection failed at start ({exc})", writer, peer)
+            return
         old = self.tunnels.get(node_id)
         self.tunnels[node_id] = tunnel
         self.generation += 1
