@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -153,7 +154,10 @@ def main() -> None:
         }
         result["route"] = route
 
-        ray.init(address="auto", namespace="serve", log_to_driver=False)
+        # This cluster's GCS, not "auto": "auto" reads /tmp/ray's cluster files, which other sessions' Rays (in
+        # other namespaces, unreachable from here) also write; ray.init then hangs, list_actors refuses (2026-12-04).
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"  # the state API (list_actors) resolves it the same way
+        ray.init(address=f"127.0.0.1:{gcs}", namespace="serve", log_to_driver=False)
         from ray.util.state import list_actors
 
         def edge_replicas() -> list:
