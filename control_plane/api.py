@@ -25,6 +25,7 @@ from gazsi_cluster.http.asgi import install_error_handlers
 from gazsi_cluster.protocol import NodeFacts, NodeLoad
 from gazsi_cluster.routing.policies import RouteRequest, RoutingPolicy
 from gazsi_cluster.routing.table import RoutingTable
+from gazsi_cluster.tunnel import tunnelled_ids
 
 __all__ = ["Authorize", "admin_router", "admin_token_authorizer", "create_app", "node_router", "route_router"]
 
@@ -152,7 +153,10 @@ def route_router(
         await authorize(request)
         region = region or request.headers.get("x-gazsi-region")
         zone = zone or request.headers.get("x-gazsi-zone")
-        node = policy.choose(table(), RouteRequest(model=model, key=key, region=region, zone=zone))
+        current = table()
+        # Nodes behind reverse tunnels (issue 17) are reachable only through a gateway: not for clients.
+        node = policy.choose(current, RouteRequest(model=model, key=key, region=region, zone=zone,
+                                                   exclude=tunnelled_ids(current)))
         if on_decision is not None:
             on_decision(policy.name)
         return _json({"url": node.url, "node_id": node.node_id, "region": node.region, "zone": node.zone})
@@ -169,7 +173,8 @@ def create_app(cp: ControlPlane, *, policy: RoutingPolicy | None = None) -> Fast
     install_error_handlers(app)
     app.include_router(node_router(cp, authorize_table=admin))
     app.include_router(admin_router(cp, admin))
-    pol = policy or make_policy(cp.config.routing_policy, region=cp.config.client_region)
+    pol = policy or make_policy(cp.config.routing_policy, region=cp.config.client_region,
+                                fallbacks=cp.config.region_fallbacks)
     app.include_router(route_router(lambda: cp.table, pol, admin,
                                     on_decision=lambda name: cp.metrics.routing.decisions.labels(name).inc()))
 

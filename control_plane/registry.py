@@ -102,7 +102,9 @@ class Registry:
     def check_token(self, token: str | None) -> None:
         if self._token is None:
             return  # no token configured: open cluster (embedded / tests)
-        if token is None or not secrets.compare_digest(token.encode(), self._token):
+        if not token:  # said apart from a wrong one: the operator forgot --join-token, nothing was guessed
+            raise self._reject("no_token", AuthenticationError("no join token given: this cluster needs one"))
+        if not secrets.compare_digest(token.encode(), self._token):
             raise self._reject("bad_token", AuthenticationError("invalid join token"))
 
     # -- joins ---------------------------------------------------------------------------------

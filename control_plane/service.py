@@ -18,7 +18,7 @@ from control_plane.metrics import ControlPlaneMetrics
 from control_plane.persistence import MemoryStore, PostgresStore, Store
 from control_plane.registry import Registry
 from control_plane.state import NodeRecord, Thresholds
-from gazsi_cluster.config import Settings
+from gazsi_cluster.config import Settings, read_join_token
 from gazsi_cluster.errors import InvalidRequest
 from gazsi_cluster.protocol import NodeFacts, NodeLoad
 from gazsi_cluster.routing.table import RoutingTable
@@ -36,6 +36,7 @@ def node_view(rec: NodeRecord, now: float) -> dict[str, Any]:
         "node_id": rec.node_id,
         "state": rec.state.value,
         "url": rec.url,
+        "reach": rec.facts.reach,
         "region": rec.facts.region,
         "zone": rec.facts.zone,
         "models": rec.facts.models,
@@ -68,7 +69,7 @@ class ControlPlane:
         self.store = store or (PostgresStore(cfg.database_url) if cfg.database_url else MemoryStore())
         self.thresholds = Thresholds(cfg.heartbeat_interval_s, cfg.suspect_after_missed, cfg.dead_after_missed)
         self.registry = Registry(
-            join_token=cfg.join_token, thresholds=self.thresholds, join_rate_per_s=cfg.join_rate_per_s,
+            join_token=read_join_token(cfg), thresholds=self.thresholds, join_rate_per_s=cfg.join_rate_per_s,
             join_burst=cfg.join_burst, clock=clock, sinks=[self.store, self.metrics],
         )
         self._clock = clock
@@ -186,4 +187,3 @@ def _parse(model: Any, data: Any, param: str, **context: Any) -> Any:
         where = ".".join(str(p) for p in first.get("loc", ()))
         log.warning("rejected malformed %s: %s %s", param, where, first.get("msg"))
         raise InvalidRequest(f"{param}.{where}: {first.get('msg')}", param=param, **context) from exc
-

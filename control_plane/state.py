@@ -66,6 +66,8 @@ class NodeRecord:
 
     @property
     def url(self) -> str:
+        if self.facts.reach == "tunnel":  # nobody can dial it: gateways relay through the tunnel it opened
+            return f"tunnel://{self.node_id}"
         host = self.facts.address
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # IPv6 literal

@@ -80,7 +80,7 @@ class EdgeDeployment(EdgeReplica):
         from control_plane import get_or_create_control_plane
 
         settings = _sized_to_replica(replica_settings(profile, overrides))
-        link = RayLink(get_or_create_control_plane(settings))
+        link = RayLink(get_or_create_control_plane(settings, serve_https=settings.control_plane.serve_https))
         node = EdgeNode(settings, link=link, advertise=_advertised_host(settings.edge.host))
         super().__init__(node)
         await node.start()

@@ -23,6 +23,7 @@ from gazsi_cluster.gateway import DirectGateway, Gateway, create_gateway_app
 from gazsi_cluster.http.listener import HttpListener, bind_socket
 from gazsi_cluster.routing import TableFollower
 from gazsi_cluster.tls import listener_context
+from gazsi_cluster.tunnel import tunnel_hub
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,20 @@ class GatewayDeployment:
         start = getattr(self.authorizer, "start", None)
         if start is not None:
             await start()
-        link = RayLink(get_or_create_control_plane(self.settings))
+        link = RayLink(get_or_create_control_plane(
+            self.settings, serve_https=self.settings.control_plane.serve_https))
         self.follower = TableFollower(link.table, refresh_s=self.settings.control_plane.table_refresh_s)
         with contextlib.suppress(Exception):
             await self.follower.refresh()
         await self.follower.start()
-        self.gateway = Gateway(self.settings, authorizer=self.authorizer, table=self.follower)
+        # Reverse tunnels from edges behind NAT (issue 17), when gateway.tunnel_port is set. With several
+        # replicas each holds the tunnels that reached it; a node is routed only by the replica holding its tunnel.
+        self.tunnels = tunnel_hub(self.settings.gateway)
+        if self.tunnels is not None:
+            gw = self.settings.gateway
+            await self.tunnels.start(bind_socket(gw.tunnel_host, gw.tunnel_port or 0, reuse_port=True))
+            log.info("gateway tunnel listener on %s:%d", gw.tunnel_host, self.tunnels.port)
+        self.gateway = Gateway(self.settings, authorizer=self.authorizer, table=self.follower, tunnels=self.tunnels)
         self.asgi = create_gateway_app(self.gateway)
         self.listener: HttpListener | None = None
         if self.settings.gateway.port:
@@ -78,6 +87,8 @@ class GatewayDeployment:
     async def __del__(self) -> None:
         if self.listener is not None:
             await self.listener.stop()
+        if self.tunnels is not None:
+            await self.tunnels.stop()
         await self.follower.stop()
         await self.gateway.aclose()
         close = getattr(self.authorizer, "close", None)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from gazsi_cluster.config import ControlPlaneConfig
+from gazsi_cluster.config import ControlPlaneConfig, read_join_token
 from gazsi_cluster.errors import AuthenticationError, GazsiError, PermissionDenied, UnknownNode
 from gazsi_cluster.protocol import NodeFacts, NodeLoad
 from gazsi_cluster.routing.follower import TableFollower
@@ -183,7 +183,7 @@ class EdgeAgent:
         self.link, self.facts, self.load = link, facts, load
         self.on_refused = on_refused
         self.refusal: GazsiError | None = None
-        self.token = token if token is not None else config.join_token
+        self.token = token if token is not None else read_join_token(config)
         self.interval_s = interval_s or config.heartbeat_interval_s
         self.node_id: str | None = self.facts.node_id
         self.follower = TableFollower(self.link.table, refresh_s=config.table_refresh_s)

@@ -37,9 +37,14 @@ class PeerForwarder:
         headers = {k: v for k, v in request.headers.items() if k in _PASS_HEADERS}
         headers[FORWARDED_HEADER] = me or "1"
         path = request.path + (f"?{request.query}" if request.query else "")
+        # Peers behind a reverse tunnel (tunnel://, issue 17) are reachable only from the gateway holding
+        # their tunnel, never from another edge: not candidates. Forwarding is the rare path; the scan is fine.
+        exclude = {n.node_id for n in self.client.routable_table().nodes if n.url.startswith("tunnel://")}
+        if me:
+            exclude.add(me)
         try:
             resp = await self.client.request(request.method, path, content=request.body or None, headers=headers,
-                                             model=model, exclude={me} if me else ())
+                                             model=model, exclude=exclude)
         except GazsiError as exc:
             log.info("no peer could take a forwarded request: %s", exc)
             return None

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,7 @@ class EdgeNode:
         self.pipeline: EdgePipeline | None = None
         self.forwarder: PeerForwarder | None = None
         self.agent: EdgeAgent | None = None
+        self.tunnel: Any = None  # edge_node.tunnel.TunnelDialer when edge.reach is tunnel
         self.ops: RunningServer | None = None
         self.draining = False
         self._stack: contextlib.AsyncExitStack | None = None
@@ -249,6 +251,27 @@ class EdgeNode:
         await self.transport.wait_ready()
         if self.agent is not None and not self.draining:
             await self.agent.start()
+            if self.settings.edge.reach == "tunnel":
+                await self._start_tunnel(self.agent)
+
+    async def _start_tunnel(self, agent: EdgeAgent) -> None:
+        """Dial the gateway tier once joined: the tunnel's identity is the certificate the join brought."""
+        from edge_node.tunnel import TunnelDialer
+        from gazsi_cluster.tls import client_context
+
+        certs = self.settings.data_dir / "node-certs"
+
+        def context() -> ssl.SSLContext:
+            ca = self.settings.control_plane.ca_file or certs / "ca.crt"
+            ctx = client_context(ca, certfile=certs / "node.crt", keyfile=certs / "node.key")
+            ctx.set_alpn_protocols(["h2"])
+            return ctx
+
+        host = self.settings.edge.host if self.settings.edge.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        scheme = "https" if self.settings.edge.tls.enabled else "http"
+        self.tunnel = TunnelDialer(self.settings.edge.tunnel, f"{scheme}://{host}:{self.port}", context=context,
+                                   ready=lambda: agent.state == "joined")
+        await self.tunnel.start()
 
     async def _start_ops(self) -> None:
         from edge_node.transports.asgi import create_app
@@ -294,6 +317,8 @@ class EdgeNode:
         if self.agent is not None:
             # Leave the routing tables first, then finish in-flight work.
             await self.agent.stop(say_goodbye=True)
+        if self.tunnel is not None:  # after the goodbye: the tables no longer send anything down it
+            await self.tunnel.stop()
 
     async def _stop_transport(self) -> None:
         await self.transport.stop(self.settings.batcher.request_timeout_s)
@@ -359,7 +384,8 @@ class EdgeNode:
         engine = self.runtime.engine if self.runtime is not None else None
         return NodeFacts(
             node_id=None, address=self._advertise or s.edge.host, port=self.port,
-            scheme="https" if s.edge.tls.enabled else "http", region=s.edge.region, zone=s.edge.zone,
+            scheme="https" if s.edge.tls.enabled else "http", reach=s.edge.reach, region=s.edge.region,
+            zone=s.edge.zone,
             dataplane=self.dataplane, dataplane_reason=self.dataplane_summary()[:256],
             engine_backend=engine.info.backend if engine else s.engine.backend, models=[s.engine.model],
             max_batch_size=s.batcher.max_batch_size, version=__version__,
@@ -404,6 +430,8 @@ class EdgeNode:
         }
         if self.agent is not None:
             detail["control_plane"] = {"state": self.agent.state, "failures": self.agent.failures}
+        if self.tunnel is not None:
+            detail["tunnel"] = self.tunnel.status()
             if self.failure is not None:
                 detail["control_plane"]["error"] = self.failure.message
         if self.runtime is not None:

@@ -27,6 +27,9 @@ def register(sub: Any) -> None:
     serve.add_argument("--join-token", help="the cluster's join token (control_plane.join_token)")
     serve.add_argument("--ca-file", help="cluster CA certificate to verify the control plane (control_plane.ca_file)")
     serve.add_argument("--advertise", help="address clients and peers reach this node at (default: --host)")
+    serve.add_argument("--tunnel", metavar="HOST:PORT",
+                       help="reach this node through a reverse tunnel to the gateway tier's tunnel listener (for a "
+                            "node behind NAT; edge.reach=tunnel, edge.tunnel.url)")
     serve.add_argument("--region", help="edge.region")
     serve.add_argument("--zone", help="edge.zone")
     serve.set_defaults(handler=_serve)
@@ -37,6 +40,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "host": args.host, "port": args.port, "admin_port": args.admin_port, "dataplane": args.dataplane,
         "workers": args.workers, "region": args.region, "zone": args.zone,
     }.items() if v is not None}
+    if args.tunnel:
+        edge.update(reach="tunnel", tunnel={"url": args.tunnel})
     cp = {k: v for k, v in {"url": args.control_plane, "join_token": args.join_token,
                             "ca_file": args.ca_file}.items() if v is not None}
     out: dict[str, Any] = {}
@@ -85,6 +90,9 @@ async def _run(settings: Any, advertise: str | None) -> None:
         print(f"gazsi edge: serving on {node.url}{ops}; the model loads in the background", flush=True)
         if node.agent is not None:
             print(f"gazsi edge: joining the control plane at {settings.control_plane.url}", flush=True)
+        if settings.edge.reach == "tunnel":
+            print(f"gazsi edge: reached through a reverse tunnel to {settings.edge.tunnel.url} (after the join)",
+                  flush=True)
         # A signal, or a control plane that refused this node: a node asked to join a cluster that will not
         # have it must not carry on as if it were a member.
         stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(node.wait_failed())

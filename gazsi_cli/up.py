@@ -193,6 +193,7 @@ def _ray_env(state: dict[str, Any], data_dir: Path) -> dict[str, str]:
 def _up(args: argparse.Namespace) -> int:
     from edge_node.hardware import cuda_device_count
     from gazsi_cli import embedded_redis
+    from gazsi_cli.outside import prepare as prepare_outside
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +210,9 @@ def _up(args: argparse.Namespace) -> int:
     try:
         # issue 18: shared limits/budgets/key changes for every process of the cluster
         os.environ.update(embedded_redis.up_env(settings, local_cluster=local, say=_say))
+        # issue 17: the HTTPS join API and the tunnel listener, for edges on other machines
+        outside = prepare_outside(settings)
+        os.environ.update(outside.env(settings))
         env = dict(os.environ, GAZSI_DATA_DIR=str(settings.data_dir), RAY_USAGE_STATS_ENABLED="0")
         edges = args.edges or (cuda_device_count() if profile == "gpu" else None)
         serve_config = _serve_config(settings, profile, args.port, args.config, local, edges)
@@ -241,6 +245,9 @@ def _up(args: argparse.Namespace) -> int:
     for line in _dataplane_lines(nodes, error):
         _say(line)
     _print_welcome(settings, gateway, admin_key)
+    outside.write(settings.data_dir)
+    print()
+    print("\n".join(outside.lines(_gazsi_command())))
     return 0
 
 

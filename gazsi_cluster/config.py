@@ -30,7 +30,9 @@ __all__ = [
     "LimitsConfig",
     "Settings",
     "TLSConfig",
+    "TunnelConfig",
     "load_settings",
+    "read_join_token",
     "settings_from_dump",
 ]
 
@@ -224,6 +226,33 @@ class ClusterClientTLSConfig(_Section):
         return self.ca_file is not None
 
 
+class TunnelConfig(_Section):
+    """Reverse tunnels (issue 17): an edge that cannot be reached dials the gateway tier and is served through
+    that connection (HTTP/2 with roles reversed). The edge reads ``url`` and the client-side settings; a
+    gateway reads the bounds."""
+
+    url: str | None = Field(
+        None, description="edge: host:port of the gateway tier's tunnel listener to dial (the node's own "
+        "cluster certificate, from its join, is the identity); unset = no tunnel.",
+    )
+    max_streams: int = Field(100, ge=1, le=10_000, description="Requests in flight on one tunnel; more get 429.")
+    ping_interval_s: float = Field(1.0, gt=0, description="PING period on a tunnel, both ways.")
+    ping_timeout_s: float = Field(
+        3.0, gt=0, description="A tunnel whose peer answers no PING for this long is closed (node leaves routing).",
+    )
+    backoff_min_s: float = Field(0.2, gt=0, description="edge: first reconnect delay (full jitter).")
+    backoff_max_s: float = Field(10.0, gt=0, description="edge: longest reconnect delay (full jitter).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP + TLS handshake timeout of one dial.")
+    max_tunnels: int = Field(1000, ge=1, description="gateway: tunnels held at once; more are refused.")
+    max_handshakes: int = Field(
+        32, ge=1, description="gateway: TLS handshakes in progress at once; a reconnect flood beyond it is refused.",
+    )
+    orphan_grace_s: float = Field(
+        15.0, gt=0, description="gateway: a tunnel whose node the control plane has not listed for this long "
+        "(removed, revoked, dead) is closed.",
+    )
+
+
 class EdgeConfig(_Section):
     @field_validator("dataplane", mode="before")
     @classmethod
@@ -310,6 +339,17 @@ class EdgeConfig(_Section):
         description="mTLS client side of peer forwarding (an edge handing a request to another edge): the "
         "cluster CA and this edge's client certificate; needed when peers require client certificates.",
     )
+    reach: Literal["direct", "tunnel"] = Field(
+        "direct", description="How gateways reach this node: direct = they connect to its address; tunnel = "
+        "through the reverse tunnel it keeps to tunnel.url (behind NAT, no public address; issue 17).",
+    )
+    tunnel: TunnelConfig = Field(default_factory=TunnelConfig, description="The reverse tunnel (reach: tunnel).")
+
+    @model_validator(mode="after")
+    def _tunnel_needs_url(self) -> EdgeConfig:
+        if self.reach == "tunnel" and not self.tunnel.url:
+            raise ValueError("edge.reach 'tunnel' needs edge.tunnel.url (the gateway's tunnel listener host:port)")
+        return self
 
 
 class GatewayConfig(_Section):
@@ -324,6 +364,16 @@ class GatewayConfig(_Section):
         description="mTLS client side of gateway -> edge traffic (issue 18): the cluster CA and the gateway's "
         "client certificate, for edges that serve HTTPS and require cluster client certificates.",
     )
+    tunnel_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of the reverse-tunnel listener edges behind NAT dial (issue 17); "
+        "None = no tunnels. Needs tunnel_tls with the cluster CA as client_ca_file.",
+    )
+    tunnel_host: str = Field("127.0.0.1", description="Bind address of the reverse-tunnel listener.")
+    tunnel_tls: TLSConfig = Field(
+        default_factory=TLSConfig, description="The tunnel listener's certificate (from the cluster CA) and "
+        "client_ca_file = the cluster CA: only nodes it signed may open a tunnel.",
+    )
+    tunnel: TunnelConfig = Field(default_factory=TunnelConfig, description="Tunnel bounds on the gateway side.")
 
 
 class ControlPlaneConfig(_Section):
@@ -351,11 +401,24 @@ class ControlPlaneConfig(_Section):
         0.25, gt=0, description="How often gateways/edges pull the routing table (and the table is rebuilt)."
     )
     client_region: str | None = Field(None, description="Region a gateway prefers for affinity routing.")
+    region_fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict, description="affinity routing: per region, the regions to fail over to, nearest "
+        "first (e.g. {eu-west: [eu-central, us-east]}); then any region.",
+    )
     retry_attempts: int = Field(3, ge=1, le=10, description="Nodes one request may try (first try included).")
     request_timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of a routed request.")
     connect_timeout_s: float = Field(0.5, gt=0, description="Connect timeout; a refused node fails fast.")
     hedge: bool = Field(False, description="Send a second copy after ~p95 latency and keep the faster.")
     node_cert_days: int = Field(30, ge=1, description="Validity of node certificates issued at join.")
+    # Added for nodes outside the cluster (issue 17).
+    serve_https: bool = Field(
+        False, description="Run the HTTPS join/heartbeat API (host:port) in the control plane actor, for edges "
+        "joining from other machines; `gazsi up` turns it on.",
+    )
+    join_token_file: Path | None = Field(
+        None, description="File holding the join token (mode 0600), read when join_token is unset: keeps the "
+        "secret out of Serve configs and environments (`gazsi up` writes <data dir>/cluster/join-token).",
+    )
 
     @model_validator(mode="after")
     def _dead_after_suspect(self) -> ControlPlaneConfig:
@@ -478,3 +541,21 @@ def settings_from_dump(data: dict[str, Any]) -> Settings:
         return _ExplicitSettings(**data)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+def read_join_token(cfg: ControlPlaneConfig) -> str | None:
+    """``join_token``, else the contents of ``join_token_file`` (both sides: the control plane checks it, an
+    edge in the same cluster presents it), else None (an open cluster). Read once, at start-up.
+
+    >>> read_join_token(ControlPlaneConfig(join_token="t"))
+    't'
+    """
+    if cfg.join_token or cfg.join_token_file is None:
+        return cfg.join_token
+    try:
+        token = Path(cfg.join_token_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read control_plane.join_token_file {cfg.join_token_file}: {exc}") from exc
+    if not token:
+        raise ConfigError(f"control_plane.join_token_file {cfg.join_token_file} is empty")
+    return token

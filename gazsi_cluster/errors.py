@@ -23,7 +23,8 @@
     │   └── TooManyConnections       429  one client address holds too many connections
     ├── DeadlineExceeded             504  request deadline passed before its batch ran
     ├── ServiceUnavailable           503  not ready, draining, dependency down
-    │   └── NoHealthyNode            503
+    │   ├── NoHealthyNode            503
+    │   └── TunnelClosed             503  the reverse tunnel to a node is gone (or never came up)
     ├── ClientDisconnected           499  the client went away; its work was cancelled
     ├── EngineError                  500  inference failed; the batch's requests all get it
     └── ConfigError                  —    raised at start-up, never reaches HTTP
@@ -63,6 +64,7 @@ __all__ = [
     "ServiceUnavailable",
     "TooManyConnections",
     "TooManyInputs",
+    "TunnelClosed",
     "UnknownModel",
     "UnknownNode",
 ]
@@ -216,6 +218,10 @@ class ServiceUnavailable(_RetryableError):
 
 class NoHealthyNode(ServiceUnavailable):
     code = "no_healthy_node"
+
+
+class TunnelClosed(ServiceUnavailable):
+    code = "tunnel_closed"
 
 
 class DeadlineExceeded(GazsiError):

@@ -113,6 +113,8 @@ class NodeFacts(BaseModel):
     address: str = Field(..., max_length=253, description="Host or IP clients reach the edge at.")
     port: int = Field(..., ge=1, le=65535)
     scheme: Literal["http", "https"] = "http"
+    reach: Literal["direct", "tunnel"] = Field(
+        "direct", description="tunnel = gateways reach the node through its reverse tunnel, not its address.")
     region: str = Field("local", max_length=64)
     zone: str = Field("local-a", max_length=64)
     gpu_model: str | None = Field(None, max_length=128)

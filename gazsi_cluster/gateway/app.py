@@ -25,6 +25,7 @@ from gazsi_cluster.http.asgi import install_error_handlers, reply_response
 from gazsi_cluster.http.middleware import BodyLimitMiddleware, TimingMiddleware
 from gazsi_cluster.protocol import EmbeddingRequest, EmbeddingResponse, InferenceResponse, ModelList
 from gazsi_cluster.routing import RouteRequest
+from gazsi_cluster.tunnel import tunnelled_ids
 
 __all__ = ["create_gateway_app"]
 
@@ -96,8 +97,9 @@ def create_gateway_app(
         req = RouteRequest(
             model=model, region=region or request.headers.get("x-gazsi-region"),
             zone=zone or request.headers.get("x-gazsi-zone"),
+            exclude=tunnelled_ids(table),  # reachable only through this gateway (issue 17): not for clients
         )
-        node = gateway.policy.choose(gateway.table(), req)
+        node = gateway.policy.choose(table, req)
         return _json({"url": node.url, "node_id": node.node_id, "region": node.region, "zone": node.zone})
 
     admin = build_admin_router(gateway.authorizer)

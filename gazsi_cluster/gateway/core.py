@@ -21,6 +21,7 @@ from gazsi_cluster.http.wire import HttpReply
 from gazsi_cluster.protocol import EmbeddingRequest
 from gazsi_cluster.routing import RoutingClient, RoutingMetrics, RoutingTable, make_policy
 from gazsi_cluster.tls import routing_client_context
+from gazsi_cluster.tunnel import TunnelHub, TunnelSender
 
 __all__ = ["FORWARDED_RESPONSE_HEADERS", "Gateway", "relay"]
 
@@ -43,12 +44,15 @@ class Gateway:
         authorizer: Authorizer,
         table: Callable[[], RoutingTable],
         http: httpx.AsyncClient | None = None,
+        tunnels: TunnelHub | None = None,
     ) -> None:
         self.settings = settings
         self.authorizer = authorizer
-        self.table = table
+        # With reverse tunnels (issue 17), a tunnel:// node is routable only while this gateway holds its tunnel.
+        self.tunnels = tunnels
+        self.table = table = tunnels.view(table) if tunnels is not None else table
         cfg = settings.control_plane
-        self.policy = make_policy(cfg.routing_policy)
+        self.policy = make_policy(cfg.routing_policy, region=cfg.client_region, fallbacks=cfg.region_fallbacks)
         self.routing_metrics = RoutingMetrics()
         self.routing = RoutingClient(
             table, self.policy, http=http, hedge=cfg.hedge, metrics=self.routing_metrics,
@@ -56,6 +60,8 @@ class Gateway:
             # The one place gateway.edge_tls is read: mTLS to https:// edges with the cluster CA (issue 18).
             ssl_context=routing_client_context(settings.gateway.edge_tls),
         )
+        if tunnels is not None:
+            self.routing.sender = TunnelSender(self.routing.sender, tunnels, timeout_s=cfg.request_timeout_s)
 
     async def aclose(self) -> None:
         await self.routing.aclose()

@@ -15,6 +15,7 @@ import abc
 import bisect
 import hashlib
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -144,13 +145,17 @@ class LatencyEWMAPolicy(PowerOfTwoPolicy):
 
 
 class AffinityPolicy(PowerOfTwoPolicy):
-    """Prefer the client's zone, then its region, then anywhere; p2c inside the chosen set."""
+    """Prefer the client's zone, then its region, then the regions ``fallbacks`` lists for it (nearest
+    first), then anywhere; p2c inside the chosen set. A failed node is excluded by the routing client,
+    so its region empties and the request fails over to the next nearest region, not to any node."""
 
     name = "affinity"
 
-    def __init__(self, *, region: str | None = None, zone: str | None = None, seed: int | None = None) -> None:
+    def __init__(self, *, region: str | None = None, zone: str | None = None, seed: int | None = None,
+                 fallbacks: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__(seed=seed)
         self.region, self.zone = region, zone
+        self.fallbacks = {k: tuple(v) for k, v in (fallbacks or {}).items()}
         self._cache_version = -1
         self._cache: dict[tuple[str, str | None, str | None], tuple[NodeEntry, ...]] = {}
 
@@ -170,6 +175,10 @@ class AffinityPolicy(PowerOfTwoPolicy):
         if region:
             for z in ((zone, None) if zone else (None,)):
                 a, b = self._two(self._local(table, region, z, req.model), req.exclude)
+                if a is not None:
+                    return a if b is None or self._score(a) <= self._score(b) else b
+            for near in self.fallbacks.get(region, ()):
+                a, b = self._two(self._local(table, near, None, req.model), req.exclude)
                 if a is not None:
                     return a if b is None or self._score(a) <= self._score(b) else b
         return super()._choose(table, req)
@@ -262,11 +271,12 @@ _POLICIES: dict[str, type[RoutingPolicy]] = {
 
 
 def make_policy(
-    name: str, *, region: str | None = None, zone: str | None = None, seed: int | None = None
+    name: str, *, region: str | None = None, zone: str | None = None, seed: int | None = None,
+    fallbacks: Mapping[str, Sequence[str]] | None = None,
 ) -> RoutingPolicy:
-    """Build the policy named in ``control_plane.routing_policy``."""
+    """Build the policy named in ``control_plane.routing_policy`` (``fallbacks``: region -> nearest regions)."""
     if name == "affinity":
-        return AffinityPolicy(region=region, zone=zone, seed=seed)
+        return AffinityPolicy(region=region, zone=zone, seed=seed, fallbacks=fallbacks)
     try:
         return _POLICIES[name](seed=seed)
     except KeyError:

@@ -154,9 +154,10 @@ def main() -> None:
         }
         result["route"] = route
 
-        # This cluster, never another Ray on the machine ("auto" and the state API pick any of them).
-        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
-        ray.init(address=os.environ["RAY_ADDRESS"], namespace="serve", log_to_driver=False)
+        # This cluster's GCS, not "auto": "auto" reads /tmp/ray's cluster files, which other sessions' Rays (in
+        # other namespaces, unreachable from here) also write; ray.init then hangs, list_actors refuses (2026-12-04).
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"  # the state API (list_actors) resolves it the same way
+        ray.init(address=f"127.0.0.1:{gcs}", namespace="serve", log_to_driver=False)
         from ray.util.state import list_actors
 
         def edge_replicas() -> list:
