@@ -430,10 +430,10 @@ class EdgeNode:
         }
         if self.agent is not None:
             detail["control_plane"] = {"state": self.agent.state, "failures": self.agent.failures}
-        if self.tunnel is not None:
-            detail["tunnel"] = self.tunnel.status()
             if self.failure is not None:
                 detail["control_plane"]["error"] = self.failure.message
+        if self.tunnel is not None:
+            detail["tunnel"] = self.tunnel.status()
         if self.runtime is not None:
             detail.update(self.runtime.readiness())
         if "batcher" in detail["transport"]:  # the fast front's slot batcher: the live batching rules
