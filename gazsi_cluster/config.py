@@ -28,6 +28,8 @@ __all__ = [
     "EngineConfig",
     "GatewayConfig",
     "LimitsConfig",
+    "LlmConfig",
+    "ModelConfig",
     "Settings",
     "TLSConfig",
     "load_settings",
@@ -224,6 +226,40 @@ class ClusterClientTLSConfig(_Section):
         return self.ca_file is not None
 
 
+class ModelConfig(_Section):
+    """One model an edge serves besides its local embedding engine: an OpenAI-compatible upstream (issue 16)."""
+
+    name: str = Field(..., min_length=1, max_length=128, description="Model id clients ask for (and /v1/models "
+                      "and heartbeats list).")
+    kind: Literal["embedding", "chat", "completion"] = Field(
+        "chat", description="chat = /v1/chat/completions and /v1/completions; completion = /v1/completions only; "
+        "embedding = /v1/embeddings relayed to the upstream.",
+    )
+    url: str = Field(..., pattern=r"^https?://", description="Base URL of the node-local OpenAI-compatible server "
+                     "(llama.cpp server, vLLM, SGLang, Ollama), e.g. http://127.0.0.1:8081 (a trailing /v1 is "
+                     "optional).")
+    upstream_model: str | None = Field(None, max_length=256, description="Model name the upstream expects; "
+                                       "None = name.")
+    api_key: str | None = Field(None, description="Bearer key the upstream wants (never logged).")
+
+
+class LlmConfig(_Section):
+    """Timeouts and bounds of the LLM relay, edge and gateway alike (issue 16)."""
+
+    connect_timeout_s: float = Field(1.0, gt=0, description="Connecting to an upstream (or an edge).")
+    first_byte_timeout_s: float = Field(
+        30.0, gt=0, description="From sending the request to the first byte of the answer; until then a "
+        "gateway may retry another node, never after.",
+    )
+    chunk_timeout_s: float = Field(
+        30.0, gt=0, description="Longest silence between two chunks of a stream; then the stream ends with an "
+        "SSE error event.",
+    )
+    max_in_flight: int = Field(256, ge=1, le=100_000, description="LLM requests one process relays at once; "
+                               "more get 429 at once.")
+    max_response_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest non-streamed answer relayed.")
+
+
 class EdgeConfig(_Section):
     @field_validator("dataplane", mode="before")
     @classmethod
@@ -291,6 +327,17 @@ class EdgeConfig(_Section):
         description="mTLS client side of peer forwarding (an edge handing a request to another edge): the "
         "cluster CA and this edge's client certificate; needed when peers require client certificates.",
     )
+    models: list[ModelConfig] = Field(
+        default_factory=list, max_length=63, description="Models served through node-local OpenAI-compatible "
+        "servers, beside engine.model (issue 16). Chat needs the asgi data plane: auto picks it when this is set.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> EdgeConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("edge.models: each model name may appear once")
+        return self
 
 
 class GatewayConfig(_Section):
@@ -366,6 +413,7 @@ class Settings(BaseSettings):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     control_plane: ControlPlaneConfig = Field(default_factory=ControlPlaneConfig)
+    llm: LlmConfig = Field(default_factory=LlmConfig, description="The chat/completions relay (issue 16).")
 
     @model_validator(mode="after")
     def _batch_fits_engine(self) -> Settings:

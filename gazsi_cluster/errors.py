@@ -26,6 +26,8 @@
     │   └── NoHealthyNode            503
     ├── ClientDisconnected           499  the client went away; its work was cancelled
     ├── EngineError                  500  inference failed; the batch's requests all get it
+    ├── UpstreamError                502  an LLM upstream (or the edge before it) failed before its first byte
+    │   └── UpstreamTimeout          504  no first byte, or silence between chunks, past the configured limit
     └── ConfigError                  —    raised at start-up, never reaches HTTP
 
 Code elsewhere raises these, and translates foreign exceptions at the boundary with
@@ -65,6 +67,8 @@ __all__ = [
     "TooManyInputs",
     "UnknownModel",
     "UnknownNode",
+    "UpstreamError",
+    "UpstreamTimeout",
 ]
 
 
@@ -234,6 +238,20 @@ class EngineError(GazsiError):
     status = 500
     error_type = "server_error"
     code = "engine_error"
+
+
+class UpstreamError(GazsiError):
+    """The node-local LLM server failed; before the first byte a gateway retries another node on this."""
+
+    status = 502
+    error_type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "timeout_error"
+    code = "upstream_timeout"
 
 
 class ConfigError(GazsiError):
