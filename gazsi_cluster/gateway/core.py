@@ -18,6 +18,7 @@ from gazsi_cluster.auth import Authorizer
 from gazsi_cluster.config import Settings
 from gazsi_cluster.errors import InvalidRequest, UnknownModel
 from gazsi_cluster.http.wire import HttpReply
+from gazsi_cluster.llm.router import LlmRouter
 from gazsi_cluster.protocol import EmbeddingRequest
 from gazsi_cluster.routing import RoutingClient, RoutingMetrics, RoutingTable, make_policy
 from gazsi_cluster.tls import routing_client_context
@@ -56,8 +57,13 @@ class Gateway:
             # The one place gateway.edge_tls is read: mTLS to https:// edges with the cluster CA (issue 18).
             ssl_context=routing_client_context(settings.gateway.edge_tls),
         )
+        # Chat and completions (issue 16): streamed through the same table, policy and quarantine.
+        llm_tls = routing_client_context(settings.gateway.edge_tls)
+        self.llm = LlmRouter(self.routing, table, settings.llm, attempts=cfg.retry_attempts,
+                             keep_headers=FORWARDED_RESPONSE_HEADERS, verify=llm_tls if llm_tls is not None else True)
 
     async def aclose(self) -> None:
+        await self.llm.aclose()
         await self.routing.aclose()
 
     async def forward(
