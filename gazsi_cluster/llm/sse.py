@@ -124,7 +124,7 @@ class UsageTap:
             for choice in choices:
                 delta = choice.get("delta") if isinstance(choice, dict) else None
                 text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                if text:
+                if text is not None:  # "" too: a token that detokenised to nothing (a leading space piece)
                     self.content_chunks += 1
         if obj.get("usage"):
             self._usage(obj)
