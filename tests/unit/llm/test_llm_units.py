@@ -1,0 +1,107 @@
+"""The LLM relay's pieces without a server: SSE splitting, the usage tap, request bounds, config, CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import orjson
+import pytest
+
+from gazsi_cluster.config import load_settings
+from gazsi_cluster.errors import ConfigError, InvalidRequest, UpstreamError, UpstreamTimeout
+from gazsi_cluster.llm import SseSplitter, UsageTap, decode_llm_request, error_event
+
+pytestmark = pytest.mark.unit
+
+
+def _ev(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\r\n\r\n"
+
+
+def test_splitter_gives_whole_events_whatever_the_chunking() -> None:
+    stream = _ev({"a": 1}) + b": comment\n\n" + _ev({"b": 2}) + b"data: [DONE]\n\n"
+    for size in (1, 2, 3, 7, 64, len(stream)):
+        s = SseSplitter()
+        out: list[bytes] = []
+        for i in range(0, len(stream), size):
+            out += s.feed(stream[i:i + size])
+        assert [e.rstrip(b"\n") for e in out] == [b'data: {"a":1}', b": comment", b'data: {"b":2}', b"data: [DONE]"]
+        assert s.rest() == b""
+
+
+def test_splitter_bounds_an_event_that_never_ends() -> None:
+    s = SseSplitter(max_event_bytes=1024)
+    with pytest.raises(UpstreamError):
+        s.feed(b"data: " + b"x" * 2000)
+
+
+def test_usage_tap_counts_and_withholds_the_usage_chunk_it_asked_for() -> None:
+    tap = UsageTap(drop_usage_chunk=True)
+    assert tap.event(_ev({"choices": [{"delta": {"role": "assistant"}}]}))
+    assert tap.event(_ev({"choices": [{"delta": {"content": "hi"}}]}))
+    assert tap.event(_ev({"choices": [{"delta": {"content": ""}}]}))
+    assert not tap.event(_ev({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}))
+    assert tap.event(b"data: [DONE]\n\n")
+    assert (tap.content_chunks, tap.prompt_tokens, tap.completion_tokens, tap.done) == (2, 5, 2, True)
+    shown = UsageTap(drop_usage_chunk=False)
+    assert shown.event(_ev({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}))
+    whole = UsageTap()
+    whole.body(orjson.dumps({"usage": {"prompt_tokens": 7, "completion_tokens": 3}}))
+    assert (whole.prompt_tokens, whole.completion_tokens) == (7, 3)
+
+
+def test_error_event_is_the_one_error_body() -> None:
+    ev = error_event(UpstreamTimeout("silence"))
+    assert ev.startswith(b"data: ") and ev.endswith(b"\n\n")
+    assert orjson.loads(ev[6:])["error"] == {"message": "silence", "type": "timeout_error", "param": None,
+                                             "code": "upstream_timeout"}
+
+
+def test_request_bounds() -> None:
+    ok = decode_llm_request("/v1/chat/completions",
+                            b'{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":5,"n":2,"top_k":3}')
+    assert ok.token_cap == 10 and ok.model_extra == {"top_k": 3}
+    assert decode_llm_request("/v1/completions", b'{"model":"m","prompt":[1,2,3]}').token_cap is None
+    for bad, param in [(b'{"model":"m","messages":[]}', "messages"), (b'{"model":"m","prompt":5}', "prompt"),
+                       (b'{"model":"m","messages":[{"role":"user"}],"max_tokens":-1}', "max_tokens")]:
+        path = "/v1/completions" if b"prompt" in bad else "/v1/chat/completions"
+        with pytest.raises(InvalidRequest) as info:
+            decode_llm_request(path, bad)
+        assert info.value.param == param
+
+
+def test_edge_models_config() -> None:
+    s = load_settings(edge={"models": [{"name": "llama", "url": "http://127.0.0.1:8081/v1"}]})
+    assert s.edge.models[0].kind == "chat" and s.llm.first_byte_timeout_s == 30.0
+    with pytest.raises(ConfigError):
+        load_settings(edge={"models": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]})
+    with pytest.raises(ConfigError):
+        load_settings(edge={"models": [{"name": "a", "url": "ftp://x"}]})
+
+
+def test_cli_llm_flag_becomes_edge_models() -> None:
+    from gazsi_cli.edge import _overrides
+
+    ns = argparse.Namespace(host=None, port=None, admin_port=None, dataplane=None, workers=None, region=None,
+                            zone=None, control_plane=None, join_token=None, ca_file=None, backend=None,
+                            data_dir=None, no_auth=False, llm=["llama=http://127.0.0.1:8081", "qwen=http://h:1/v1"])
+    models = _overrides(ns)["edge"]["models"]
+    assert models == [{"name": "llama", "kind": "chat", "url": "http://127.0.0.1:8081"},
+                      {"name": "qwen", "kind": "chat", "url": "http://h:1/v1"}]
+    with pytest.raises(SystemExit):
+        _overrides(argparse.Namespace(**{**vars(ns), "llm": ["no-equals-sign"]}))
+
+
+def test_a_fast_or_gpu_data_plane_refuses_llm_models(tmp_path) -> None:
+    from edge_node.engines.fake import FakeEngine
+    from edge_node.node import EdgeNode
+
+    models = [{"name": "llama", "url": "http://127.0.0.1:9"}]
+    s = load_settings(data_dir=str(tmp_path), auth={"enabled": False},
+                      edge={"dataplane": "fast", "models": models}, engine={"backend": "fake"})
+    with pytest.raises(ConfigError, match="asgi"):
+        EdgeNode(s, engine=FakeEngine())
+    auto = load_settings(data_dir=str(tmp_path), auth={"enabled": False},
+                         edge={"dataplane": "auto", "models": models}, engine={"backend": "fake"})
+    node = EdgeNode(auto, engine=FakeEngine())
+    assert node.dataplane == "asgi" and node.llm.names() == ["llama"]
