@@ -19,7 +19,8 @@ import pytest_asyncio
 
 from edge_node.engines.fake import FakeEngine
 from edge_node.node import EdgeNode
-from gazsi_cluster.gateway import Gateway, create_gateway_app
+from gazsi_cluster.gateway import DirectGateway, Gateway, create_gateway_app
+from gazsi_cluster.http.listener import HttpListener, bind_socket
 from gazsi_cluster.routing import NodeEntry
 from tests.integration.llm.conftest import gateway_for
 from tests.support.asgi import serve_on_loopback
@@ -40,6 +41,7 @@ class Pair:
     y: EdgeNode  # -> llama.cpp
     gateway: Gateway
     url: str
+    direct_url: str  # the gateway's direct listener (DirectGateway on HttpListener)
 
 
 def _data(text: str) -> list[str]:
@@ -60,10 +62,15 @@ async def pair(llama_servers: tuple[LlamaServer, LlamaServer], tmp_path_factory:
                                                                 NodeEntry("y", y.url, models=("tiny-f",))],
                               llm={"first_byte_timeout_s": 10.0, "chunk_timeout_s": 10.0})
         gateway.routing.quarantine_s = 0.0  # every request may pick the faulty node again
+        listener = HttpListener(DirectGateway(gateway, create_gateway_app(gateway)).handle, gateway.settings.limits)
+        sock = bind_socket("127.0.0.1", 0)
+        direct_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        await listener.start(sock)
         try:
             async with serve_on_loopback(create_gateway_app(gateway)) as url:
-                yield Pair(fake, x, y, gateway, url)
+                yield Pair(fake, x, y, gateway, url, direct_url)
         finally:
+            await listener.stop(5)
             await gateway.aclose()
 
 
@@ -75,9 +82,10 @@ def _served(edge: EdgeNode) -> float:
 
 
 @pytest.mark.parametrize("mode", ["refuse", "http503", "stall_first"])
-async def test_failure_before_the_first_byte_is_retried_on_the_other_node(pair: Pair, mode: str) -> None:
+@pytest.mark.parametrize("entry", ["app", "direct"])
+async def test_failure_before_the_first_byte_is_retried_on_the_other_node(pair: Pair, mode: str, entry: str) -> None:
     pair.fake.mode, pair.fake.hits = mode, 0
-    async with httpx.AsyncClient(base_url=pair.url, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=pair.url if entry == "app" else pair.direct_url, timeout=30) as c:
         for _ in range(12):
             for body in (STREAM, {**STREAM, "stream": False}):
                 r = await c.post("/v1/chat/completions", json=body)
@@ -91,9 +99,10 @@ async def test_failure_before_the_first_byte_is_retried_on_the_other_node(pair: 
     assert pair.fake.hits >= 2, "the faulty node was never picked"
 
 
-async def test_upstream_dying_mid_stream_ends_with_an_error_event_and_is_not_retried(pair: Pair) -> None:
+@pytest.mark.parametrize("entry", ["app", "direct"])
+async def test_upstream_dying_mid_stream_ends_with_an_error_event_and_is_not_retried(pair: Pair, entry: str) -> None:
     pair.fake.mode, pair.fake.hits = "die_mid", 0
-    async with httpx.AsyncClient(base_url=pair.url, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=pair.url if entry == "app" else pair.direct_url, timeout=30) as c:
         for _ in range(20):
             served_y = _served(pair.y)
             r = await c.post("/v1/chat/completions", json=STREAM)
@@ -139,7 +148,7 @@ async def test_client_leaving_cancels_the_upstream_at_once(pair: Pair) -> None:
     pair.fake.mode = "stall_mid"
     pair.x.llm.cfg = pair.x.llm.cfg.model_copy(update={"chunk_timeout_s": 30.0})
     try:
-        for url in (pair.x.url, pair.url):
+        for url in (pair.x.url, pair.url, pair.direct_url):
             pair.fake.closed.clear()
             pair.fake.hits = 0
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
