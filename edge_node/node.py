@@ -431,6 +431,7 @@ class EdgeNode:
             queue_depth, in_flight = transport_load()
         elif self.runtime is not None and self.runtime.batcher is not None:
             queue_depth, in_flight = self.runtime.batcher.queue_depth, self.runtime.batcher.in_flight_requests
+        in_flight += self.llm.in_flight  # LLM streams count as load: p2c on gateways and peers sees them
         reg = self.engine_metrics.registry
         bsum = w.delta("bsum", reg.get_sample_value("gazsi_batch_size_sum") or 0.0)
         bcount = w.delta("bcount", reg.get_sample_value("gazsi_batch_size_count") or 0.0)

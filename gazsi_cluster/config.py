@@ -258,6 +258,11 @@ class LlmConfig(_Section):
     max_in_flight: int = Field(256, ge=1, le=100_000, description="LLM requests one process relays at once; "
                                "more get 429 at once.")
     max_response_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest non-streamed answer relayed.")
+    prefix_affinity_chars: int = Field(
+        0, ge=0, le=65_536, description="Gateway: > 0 sends requests whose prompts share their first this many "
+        "characters to the same edge (consistent hash), so the backend's KV cache of that prefix is reused; "
+        "0 = the routing policy alone (p2c counts each edge's LLM requests in flight).",
+    )
 
 
 class EdgeConfig(_Section):

@@ -23,11 +23,11 @@ from gazsi_cluster.config import LlmConfig
 from gazsi_cluster.errors import NoHealthyNode, UnknownModel, UpstreamError
 from gazsi_cluster.http.wire import HttpReply
 from gazsi_cluster.llm.metrics import LlmMetrics, StreamClock
-from gazsi_cluster.llm.protocol import decode_llm_request
+from gazsi_cluster.llm.protocol import ChatRequest, LlmRequest, decode_llm_request
 from gazsi_cluster.llm.relay import Upstream, open_upstream, upstream_client
 from gazsi_cluster.llm.sse import UsageTap
 from gazsi_cluster.llm.stream import relay_events
-from gazsi_cluster.routing import RouteRequest, RoutingClient, RoutingTable
+from gazsi_cluster.routing import NodeEntry, RouteRequest, RoutingClient, RoutingTable, make_policy
 
 __all__ = ["LlmRouter"]
 
@@ -57,6 +57,9 @@ class LlmRouter:
         self.metrics = metrics or LlmMetrics("gazsi_gateway_llm")
         self._verify = verify
         self._client: httpx.AsyncClient | None = None
+        # Prefix stickiness (KV-cache reuse, as Dynamo and llm-d route): a hash ring of its own, so the
+        # embedding routes keep their policy.
+        self._sticky = make_policy("hash") if cfg.prefix_affinity_chars > 0 else None
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:  # made lazily: it belongs to the loop that serves
@@ -76,7 +79,7 @@ class LlmRouter:
         if table.candidates() and not table.candidates(req.model):
             raise UnknownModel(f"The model `{req.model}` does not exist.", param="model")
         fwd = {k: v for k, v in headers.items() if k.lower() in _FORWARDED_REQUEST}
-        up, node_id = await self._open(path, body, fwd, req.model, headers)
+        up, node_id = await self._open(path, body, fwd, req.model, headers, self._prefix(req))
         reply_headers = up.headers(self.keep)
         self.metrics.requests.labels(req.model, path, str(up.status)).inc()
         if up.whole or not up.is_event_stream:
@@ -99,8 +102,31 @@ class LlmRouter:
         return HttpReply(200, headers=[*reply_headers, ("cache-control", "no-cache")], content_type=_EVENT_STREAM,
                          stream=stream)
 
+    def _prefix(self, req: LlmRequest) -> bytes | None:
+        """The start of the prompt the backend will cache: what prefix stickiness hashes."""
+        n = self.cfg.prefix_affinity_chars
+        if self._sticky is None:
+            return None
+        if isinstance(req, ChatRequest):
+            text = "".join(f"{m.role}:{m.content if isinstance(m.content, str) else ''}\n" for m in req.messages)
+        else:
+            text = req.prompt if isinstance(req.prompt, str) else str(req.prompt)
+        return text[:n].encode()
+
+    def _pick(self, req: RouteRequest, attempt: int) -> NodeEntry:
+        """The first attempt follows the prefix when stickiness is on; a retry goes wherever the policy says."""
+        if self._sticky is not None and req.key is not None and attempt == 0:
+            down = self.routing.quarantined()
+            table = self.routing.routable_table()
+            try:
+                return self._sticky.choose(table, RouteRequest(req.model, req.key, req.region, req.zone,
+                                                               {*req.exclude, *down}))
+            except NoHealthyNode:
+                pass
+        return self.routing.pick(RouteRequest(req.model, None, req.region, req.zone, req.exclude))
+
     async def _open(self, path: str, body: bytes, fwd: Mapping[str, str], model: str,
-                    headers: Mapping[str, str]) -> tuple[Upstream, str]:
+                    headers: Mapping[str, str], prefix: bytes | None = None) -> tuple[Upstream, str]:
         """The first node's answer whose first byte came, trying others on the failures they may not share."""
         tried: set[str] = set()
         last: Upstream | None = None
@@ -111,8 +137,8 @@ class LlmRouter:
             if attempt and not self.routing.budget.try_spend():
                 break
             try:
-                node = self.routing.pick(RouteRequest(model, None, headers.get("x-gazsi-region"),
-                                                      headers.get("x-gazsi-zone"), frozenset(tried)))
+                node = self._pick(RouteRequest(model, prefix, headers.get("x-gazsi-region"),
+                                               headers.get("x-gazsi-zone"), frozenset(tried)), attempt)
             except NoHealthyNode:
                 if attempt == 0:
                     raise

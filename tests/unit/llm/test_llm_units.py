@@ -105,3 +105,47 @@ def test_a_fast_or_gpu_data_plane_refuses_llm_models(tmp_path) -> None:
                          edge={"dataplane": "auto", "models": models}, engine={"backend": "fake"})
     node = EdgeNode(auto, engine=FakeEngine())
     assert node.dataplane == "asgi" and node.llm.names() == ["llama"]
+
+
+def test_prefix_affinity_sends_a_shared_prompt_prefix_to_one_edge() -> None:
+    from gazsi_cluster.config import LlmConfig
+    from gazsi_cluster.llm import LlmRouter
+    from gazsi_cluster.routing import NodeEntry, RoutingClient, RoutingTable, make_policy
+
+    nodes = tuple(NodeEntry(f"n{i}", f"http://n{i}", models=("m",)) for i in range(4))
+    table = RoutingTable(1, 1, nodes)
+    routing = RoutingClient(lambda: table, make_policy("p2c"), attempts=3)
+    router = LlmRouter(routing, lambda: table, LlmConfig(prefix_affinity_chars=32), attempts=3, keep_headers=())
+
+    def chat(system: str, user: str) -> bytes:
+        return orjson.dumps({"model": "m", "messages": [{"role": "system", "content": system},
+                                                        {"role": "user", "content": user}]})
+
+    from gazsi_cluster.routing import RouteRequest
+
+    def pick(body: bytes, attempt: int = 0) -> str:
+        req = decode_llm_request("/v1/chat/completions", body)
+        return router._pick(RouteRequest("m", router._prefix(req)), attempt).node_id
+
+    same = {pick(chat("You are a long shared system prompt", f"question {i}")) for i in range(20)}
+    assert len(same) == 1
+    spread = {pick(chat(f"system prompt number {i} differs early", "q")) for i in range(40)}
+    assert len(spread) > 1
+    # A node in quarantine is skipped; a retry (attempt > 0) is the policy's choice.
+    sticky = same.pop()
+    routing.report_failure(table.by_id[sticky], "test")
+    assert pick(chat("You are a long shared system prompt", "again")) != sticky
+    off = LlmRouter(routing, lambda: table, LlmConfig(), attempts=3, keep_headers=())
+    assert off._prefix(decode_llm_request("/v1/chat/completions", chat("a", "b"))) is None
+
+
+def test_llm_streams_in_flight_count_as_node_load(tmp_path) -> None:
+    from edge_node.engines.fake import FakeEngine
+    from edge_node.node import EdgeNode
+
+    s = load_settings(data_dir=str(tmp_path), auth={"enabled": False}, engine={"backend": "fake"},
+                      edge={"dataplane": "asgi", "models": [{"name": "llama", "url": "http://127.0.0.1:9"}]})
+    node = EdgeNode(s, engine=FakeEngine())
+    base = node.load().in_flight
+    node.llm.in_flight = 3
+    assert node.load().in_flight == base + 3
