@@ -12,6 +12,10 @@ by request so drift hits them alike, and measures from its own clock:
     tok/s    (content chunks - 1) / (last chunk - first chunk): the decode rate as the client sees it
 
     python3 benchmarks/llm_overhead_bench.py --requests 200 --max-tokens 32 --out /tmp/llmbench
+
+``--soak-s N`` then runs N seconds of mixed traffic through the gateway's direct listener (8 clients: whole
+and streamed answers, clients leaving after the first chunk, unknown models, malformed bodies) and records
+the edge's and the gateway's resident memory every 5 s, to show that nothing grows with the traffic.
 """
 
 from __future__ import annotations
@@ -109,6 +113,52 @@ async def _one(client: Any, url: str, prompt: str, max_tokens: int) -> dict[str,
             "tok_s": (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0}
 
 
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _soak(url: str, seconds: float, pids: dict[str, int], max_tokens: int) -> dict[str, Any]:
+    """Mixed traffic for ``seconds``; returns status counts and RSS samples (kB) per process."""
+    import httpx
+
+    counts: dict[str, int] = {}
+    samples: dict[str, list[int]] = {name: [] for name in pids}
+    stop = time.monotonic() + seconds
+    msgs = [{"role": "user", "content": "soak"}]
+
+    async def client(i: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as c:
+            n = 0
+            while time.monotonic() < stop:
+                n += 1
+                kind = ("stream", "whole", "leave", "unknown", "malformed")[(i + n) % 5]
+                body: Any = {"model": MODEL, "messages": msgs, "max_tokens": max_tokens, "stream": kind != "whole"}
+                if kind == "unknown":
+                    body["model"] = "no-such-model"
+                if kind == "malformed":
+                    body = {"model": MODEL, "messages": "not a list"}
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    async for _ in r.aiter_raw():
+                        if kind == "leave":
+                            break
+                key = f"{kind}:{r.status_code}"
+                counts[key] = counts.get(key, 0) + 1
+
+    async def sampler() -> None:
+        while time.monotonic() < stop:
+            for name, pid in pids.items():
+                samples[name].append(_rss_kb(pid))
+            await asyncio.sleep(5)
+
+    await asyncio.gather(sampler(), *(client(i) for i in range(8)))
+    for name, pid in pids.items():
+        samples[name].append(_rss_kb(pid))
+    return {"seconds": seconds, "answers": dict(sorted(counts.items())), "rss_kb": samples}
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
@@ -148,6 +198,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--soak-s", type=float, default=0.0, help="then this many seconds of mixed traffic (RSS)")
     p.add_argument("--serve-gateway", nargs=3, metavar=("VARIANT", "EDGE_URL", "PORT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_gateway:
@@ -176,8 +227,12 @@ def main() -> None:
             _wait(f"http://127.0.0.1:{port}/healthz")
             paths[f"gateway_{variant}+edge"] = f"http://127.0.0.1:{port}"
         summary = asyncio.run(_run(paths, args.requests, args.max_tokens, args.warmup))
-        result = {"requests": args.requests, "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
-                  "paths": summary}
+        result: dict[str, Any] = {"requests": args.requests, "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
+                                  "paths": summary}
+        if args.soak_s > 0:
+            pids = {"edge": procs[0].pid, "gateway_direct_listener": procs[2].pid}
+            result["soak"] = asyncio.run(_soak(paths["gateway_direct_listener+edge"], args.soak_s, pids,
+                                               args.max_tokens))
         print(json.dumps(result, indent=2))
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
