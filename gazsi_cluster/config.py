@@ -248,8 +248,9 @@ class LlmConfig(_Section):
 
     connect_timeout_s: float = Field(1.0, gt=0, description="Connecting to an upstream (or an edge).")
     first_byte_timeout_s: float = Field(
-        30.0, gt=0, description="From sending the request to the first byte of the answer; until then a "
-        "gateway may retry another node, never after.",
+        30.0, gt=0, description="From sending the request to the first byte of the answer (for an answer that "
+        "is not streamed: the whole answer, which servers send only once generated); until then a gateway may "
+        "retry another node, never after.",
     )
     chunk_timeout_s: float = Field(
         30.0, gt=0, description="Longest silence between two chunks of a stream; then the stream ends with an "

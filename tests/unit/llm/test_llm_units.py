@@ -149,3 +149,13 @@ def test_llm_streams_in_flight_count_as_node_load(tmp_path) -> None:
     base = node.load().in_flight
     node.llm.in_flight = 3
     assert node.load().in_flight == base + 3
+
+
+def test_llm_package_surface_is_pinned() -> None:
+    import gazsi_cluster.llm as llm
+
+    assert set(llm.__all__) == {
+        "LLM_ROUTES", "ChatRequest", "CompletionRequest", "LlmMetrics", "LlmRouter", "SseSplitter", "Upstream",
+        "UsageTap", "decode_llm_request", "error_event", "open_upstream", "upstream_client",
+    }
+    assert all(hasattr(llm, name) for name in llm.__all__)
