@@ -125,6 +125,7 @@ async def _soak(url: str, seconds: float, pids: dict[str, int], max_tokens: int)
     import httpx
 
     counts: dict[str, int] = {}
+    errors: list[str] = []
     samples: dict[str, list[int]] = {name: [] for name in pids}
     stop = time.monotonic() + seconds
     msgs = [{"role": "user", "content": "soak"}]
@@ -146,6 +147,8 @@ async def _soak(url: str, seconds: float, pids: dict[str, int], max_tokens: int)
                             break
                 key = f"{kind}:{r.status_code}"
                 counts[key] = counts.get(key, 0) + 1
+                if r.status_code >= 500 and len(errors) < 5:
+                    errors.append(f"{key} {(await r.aread())[:300]!r}" if kind != "leave" else key)
 
     async def sampler() -> None:
         while time.monotonic() < stop:
@@ -156,7 +159,7 @@ async def _soak(url: str, seconds: float, pids: dict[str, int], max_tokens: int)
     await asyncio.gather(sampler(), *(client(i) for i in range(8)))
     for name, pid in pids.items():
         samples[name].append(_rss_kb(pid))
-    return {"seconds": seconds, "answers": dict(sorted(counts.items())), "rss_kb": samples}
+    return {"seconds": seconds, "answers": dict(sorted(counts.items())), "first_5xx": errors, "rss_kb": samples}
 
 
 def _pct(values: list[float], q: float) -> float:
