@@ -20,7 +20,7 @@ import orjson
 
 from gazsi_cluster.auth import Authorizer, Principal
 from gazsi_cluster.config import LlmConfig, ModelConfig
-from gazsi_cluster.errors import InvalidRequest, Overloaded, UpstreamError
+from gazsi_cluster.errors import InvalidRequest, Overloaded, PayloadTooLarge, UpstreamError
 from gazsi_cluster.http.wire import HttpReply, HttpRequest
 from gazsi_cluster.llm import LlmMetrics, UsageTap, open_upstream, upstream_client
 from gazsi_cluster.llm.metrics import StreamClock
@@ -131,9 +131,14 @@ class LlmBackends:
             clock = StreamClock(self.metrics, m.name, request.received)
             clock.finish(tap.completion_tokens or 0, tap.prompt_tokens or 0)
             return HttpReply(200, raw, list(principal.headers), content_type=content_type)
-        if status >= 500:
-            raise UpstreamError(f"the model server answered HTTP {status}")
-        raise InvalidRequest(f"the model server refused the request: {_message(raw)}")
+        if status in (400, 422):  # the request's fault: the client hears the server's own words
+            raise InvalidRequest(f"the model server refused the request: {_message(raw)}")
+        if status == 413:
+            raise PayloadTooLarge(f"the model server refused the request: {_message(raw)}")
+        if status == 429:  # the backend is busy: a gateway tries another node
+            raise Overloaded("the model server is busy", retry_after=1.0)
+        # 401/403/404 from a node-local server is this node's misconfiguration, 5xx its failure: not the client's.
+        raise UpstreamError(f"the model server answered HTTP {status}")
 
     def _stream(self, up: Any, m: ModelConfig, drop: bool, reserved: int, principal: Principal,
                 request: HttpRequest) -> HttpReply:

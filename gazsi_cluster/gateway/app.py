@@ -22,6 +22,7 @@ from gazsi_cluster.auth.admin_api import build_admin_router
 from gazsi_cluster.errors import UnknownModel
 from gazsi_cluster.gateway.core import Gateway
 from gazsi_cluster.http.asgi import install_error_handlers, reply_response
+from gazsi_cluster.http.cancellation import run_until_disconnect
 from gazsi_cluster.http.middleware import BodyLimitMiddleware, TimingMiddleware
 from gazsi_cluster.http.streaming import reply_or_stream
 from gazsi_cluster.llm.protocol import CHAT, COMPLETIONS, ChatRequest, CompletionRequest
@@ -84,12 +85,16 @@ def create_gateway_app(
     @app.post(CHAT, summary="Chat completions (OpenAI-compatible; stream: true for SSE)",
               openapi_extra=_llm_schema(ChatRequest))
     async def chat_completions(request: Request) -> Response:
-        return reply_or_stream(await gateway.llm.handle(CHAT, await request.body(), request.headers))
+        # Until the first byte a client that leaves cancels the routing and the edge's request (issue 16).
+        reply = await run_until_disconnect(request, gateway.llm.handle(CHAT, await request.body(), request.headers))
+        return reply_or_stream(reply)
 
     @app.post(COMPLETIONS, summary="Completions (OpenAI-compatible; stream: true for SSE)",
               openapi_extra=_llm_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
-        return reply_or_stream(await gateway.llm.handle(COMPLETIONS, await request.body(), request.headers))
+        body = await request.body()
+        return reply_or_stream(await run_until_disconnect(request, gateway.llm.handle(COMPLETIONS, body,
+                                                                                       request.headers)))
 
     @app.get("/v1/models", response_model=ModelList, summary="Models served by the cluster")
     async def models(authorization: Annotated[str | None, Header()] = None) -> Response:

@@ -4,7 +4,7 @@ Raw asyncio, so a test decides what happens to the connection byte by byte:
 
     ok           a short, well-formed stream (or a whole answer)
     refuse       close the connection before answering (a failure before the first byte)
-    http503      answer 503 at once
+    httpNNN      answer status NNN at once (503, 429, 404, 422, ...) with an OpenAI error body
     stall_first  read the request, then answer nothing
     stall_mid    one content chunk, then silence
     die_mid      two content chunks, then the connection is cut without a last chunk
@@ -74,10 +74,10 @@ class FakeUpstream:
         mode = self.mode
         if mode == "refuse":
             return
-        if mode == "http503":
-            msg = b'{"error":{"message":"busy","type":"server_error","param":null,"code":null}}'
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                         b"content-length: %d\r\n\r\n" % len(msg) + msg)
+        if mode.startswith("http"):
+            msg = b'{"error":{"message":"fake refusal","type":"server_error","param":null,"code":null}}'
+            writer.write(b"HTTP/1.1 %d Refused\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n" % (int(mode[4:]), len(msg)) + msg)
             await writer.drain()
             return
         if mode == "stall_first":

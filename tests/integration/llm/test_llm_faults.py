@@ -81,7 +81,7 @@ def _served(edge: EdgeNode) -> float:
     return total
 
 
-@pytest.mark.parametrize("mode", ["refuse", "http503", "stall_first"])
+@pytest.mark.parametrize("mode", ["refuse", "http503", "http429", "stall_first"])
 @pytest.mark.parametrize("entry", ["app", "direct"])
 async def test_failure_before_the_first_byte_is_retried_on_the_other_node(pair: Pair, mode: str, entry: str) -> None:
     pair.fake.mode, pair.fake.hits = mode, 0
@@ -136,10 +136,17 @@ async def test_no_first_byte_in_time_is_504_on_the_edge(pair: Pair) -> None:
         for body in (STREAM, {**STREAM, "stream": False}):
             r = await c.post("/v1/chat/completions", json=body)
             assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
-    pair.fake.mode = "http503"
-    async with httpx.AsyncClient(base_url=pair.x.url, timeout=30) as c:
-        r = await c.post("/v1/chat/completions", json=STREAM)
-        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+    # The backend's refusals in the one error shape: its 5xx and a misconfigured node's 404 are the node's
+    # failure (502), its 429 is overload (a gateway tries another node), 422/400 are the client's.
+    for mode, status, code in [("http503", 502, "upstream_error"), ("http404", 502, "upstream_error"),
+                               ("http429", 429, "overloaded"), ("http422", 400, "invalid_request")]:
+        pair.fake.mode = mode
+        async with httpx.AsyncClient(base_url=pair.x.url, timeout=30) as c:
+            r = await c.post("/v1/chat/completions", json=STREAM)
+            err = r.json()["error"]
+            assert (r.status_code, err["code"]) == (status, code), (mode, r.text)
+            if status == 400:
+                assert "fake refusal" in err["message"]
     assert pair.x.llm.in_flight == 0
 
 
