@@ -6,6 +6,8 @@ Read top to bottom, a data request goes
     -> reserve tokens -> embed (one :class:`~edge_node.embedders.Embedder` port) -> encode
     -> record usage -> reply
 
+(chat and completions: route -> decode -> authorize -> model served here? -> the LLM relay, which reserves
+``max_tokens``, streams from the node-local server and records usage: :mod:`edge_node.llm`),
 and any error on the way becomes a reply in exactly one place (:func:`gazsi_cluster.http.errors.error_reply`),
 after the peer forwarder had its chance at the errors a peer can fix (overloaded, model not here, not
 ready). The FastAPI app, the fast front's workers, the GPU data plane and a reverse tunnel all call

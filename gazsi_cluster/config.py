@@ -233,7 +233,7 @@ class ModelConfig(_Section):
                       "and heartbeats list).")
     kind: Literal["embedding", "chat", "completion"] = Field(
         "chat", description="chat = /v1/chat/completions and /v1/completions; completion = /v1/completions only; "
-        "embedding = /v1/embeddings relayed to the upstream.",
+        "embedding = not relayed yet (the node's embedding model is engine.model, served by its local engine).",
     )
     url: str = Field(..., pattern=r"^https?://", description="Base URL of the node-local OpenAI-compatible server "
                      "(llama.cpp server, vLLM, SGLang, Ollama), e.g. http://127.0.0.1:8081 (a trailing /v1 is "
@@ -241,6 +241,13 @@ class ModelConfig(_Section):
     upstream_model: str | None = Field(None, max_length=256, description="Model name the upstream expects; "
                                        "None = name.")
     api_key: str | None = Field(None, description="Bearer key the upstream wants (never logged).")
+
+    @model_validator(mode="after")
+    def _kind_relayed(self) -> ModelConfig:
+        if self.kind == "embedding":
+            raise ValueError(f"edge.models[{self.name}]: relaying embeddings to an upstream is not supported yet; "
+                             "the node's embedding model is engine.model")
+        return self
 
 
 class LlmConfig(_Section):

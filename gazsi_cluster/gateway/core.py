@@ -51,16 +51,16 @@ class Gateway:
         cfg = settings.control_plane
         self.policy = make_policy(cfg.routing_policy)
         self.routing_metrics = RoutingMetrics()
+        # The one place gateway.edge_tls is read: mTLS to https:// edges with the cluster CA (issue 18).
+        edge_tls = routing_client_context(settings.gateway.edge_tls)
         self.routing = RoutingClient(
             table, self.policy, http=http, hedge=cfg.hedge, metrics=self.routing_metrics,
             attempts=cfg.retry_attempts, timeout_s=cfg.request_timeout_s, connect_timeout_s=cfg.connect_timeout_s,
-            # The one place gateway.edge_tls is read: mTLS to https:// edges with the cluster CA (issue 18).
-            ssl_context=routing_client_context(settings.gateway.edge_tls),
+            ssl_context=edge_tls,
         )
-        # Chat and completions (issue 16): streamed through the same table, policy and quarantine.
-        llm_tls = routing_client_context(settings.gateway.edge_tls)
+        # Chat and completions (issue 16): streamed through the same table, policy, quarantine and TLS.
         self.llm = LlmRouter(self.routing, table, settings.llm, attempts=cfg.retry_attempts,
-                             keep_headers=FORWARDED_RESPONSE_HEADERS, verify=llm_tls if llm_tls is not None else True)
+                             keep_headers=FORWARDED_RESPONSE_HEADERS, verify=edge_tls if edge_tls is not None else True)
 
     async def aclose(self) -> None:
         await self.llm.aclose()

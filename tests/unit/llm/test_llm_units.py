@@ -159,3 +159,8 @@ def test_llm_package_surface_is_pinned() -> None:
         "UsageTap", "decode_llm_request", "error_event", "open_upstream", "upstream_client",
     }
     assert all(hasattr(llm, name) for name in llm.__all__)
+
+
+def test_an_upstream_embedding_model_is_refused_until_it_is_relayed() -> None:
+    with pytest.raises(ConfigError, match="not supported yet"):
+        load_settings(edge={"models": [{"name": "e5", "kind": "embedding", "url": "http://127.0.0.1:9"}]})
