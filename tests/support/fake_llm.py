@@ -8,6 +8,7 @@ Raw asyncio, so a test decides what happens to the connection byte by byte:
     stall_first  read the request, then answer nothing
     stall_mid    one content chunk, then silence
     die_mid      two content chunks, then the connection is cut without a last chunk
+    flood        64 KB content chunks as fast as the connection takes them (``sent`` counts the bytes)
 
 ``hits`` counts requests; ``closed`` is set when a connection it answered was closed by the other side
 (the relay cancelling its upstream).
@@ -39,6 +40,7 @@ class FakeUpstream:
         self.hits = 0
         self.closed = asyncio.Event()
         self.bodies: list[dict[str, object]] = []
+        self.sent = 0
         self._server: asyncio.Server | None = None
         self.url = ""
 
@@ -94,6 +96,13 @@ class FakeUpstream:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         writer.write(_http_chunk(_chunk("one")))
         await writer.drain()
+        if mode == "flood":
+            event = _http_chunk(_chunk("x" * 65_000))
+            for _ in range(8192):  # 512 MB at most: far more than any buffer on the way may hold
+                writer.write(event)
+                await writer.drain()  # returns only while the reader keeps up: backpressure reaches us here
+                self.sent += len(event)
+            return
         if mode == "stall_mid":
             await self._wait_close(reader)
             return

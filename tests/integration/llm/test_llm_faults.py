@@ -177,3 +177,29 @@ async def test_client_leaving_cancels_the_upstream_at_once(pair: Pair) -> None:
             assert pair.x.llm.in_flight == 0
     finally:
         pair.x.llm.cfg = pair.x.llm.cfg.model_copy(update={"chunk_timeout_s": 1.0})
+
+
+async def test_a_slow_client_slows_the_upstream_instead_of_growing_a_buffer(pair: Pair) -> None:
+    """The fake upstream floods 64 KB chunks; the client reads one and pauses: what the upstream could send
+    stops at what the sockets on the way hold (kernel buffers), far below what it wanted to send."""
+    pair.fake.mode, pair.fake.sent = "flood", 0
+    pair.x.llm.cfg = pair.x.llm.cfg.model_copy(update={"chunk_timeout_s": 30.0})
+    try:
+        async with httpx.AsyncClient(base_url=pair.x.url, timeout=30) as c, \
+                c.stream("POST", "/v1/chat/completions", json=STREAM) as r:
+            assert r.status_code == 200
+            async for _chunk in r.aiter_raw():
+                break
+            await asyncio.sleep(2.0)
+            first = pair.fake.sent
+            await asyncio.sleep(1.0)
+            print(f"upstream sent {first} bytes before the paused client stopped it")
+            assert pair.fake.sent == first, "the upstream kept sending to a client that does not read"
+            assert first < 128 * 2**20, first  # of the 512 MB it would send; loopback buffers allow tens of MB
+    finally:
+        pair.x.llm.cfg = pair.x.llm.cfg.model_copy(update={"chunk_timeout_s": 1.0})
+    for _ in range(100):
+        if pair.x.llm.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert pair.x.llm.in_flight == 0
