@@ -112,7 +112,13 @@ class FakeUpstream:
             await asyncio.sleep(0.05)
             writer.transport.abort()  # no last chunk: the stream breaks off
             return
-        writer.write(_http_chunk(_chunk(None, finish="stop")) + _http_chunk(b"data: [DONE]\r\n\r\n") + b"0\r\n\r\n")
+        writer.write(_http_chunk(_chunk(None, finish="stop")))
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):  # as vLLM and llama.cpp's server do
+            usage = {"id": "fake", "object": "chat.completion.chunk", "model": "fake", "choices": [],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+            writer.write(_http_chunk(b"data: " + json.dumps(usage).encode() + b"\r\n\r\n"))
+        writer.write(_http_chunk(b"data: [DONE]\r\n\r\n") + b"0\r\n\r\n")
         await writer.drain()
 
     async def _wait_close(self, reader: asyncio.StreamReader) -> None:

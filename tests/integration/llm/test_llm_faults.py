@@ -203,3 +203,21 @@ async def test_a_slow_client_slows_the_upstream_instead_of_growing_a_buffer(pair
             break
         await asyncio.sleep(0.02)
     assert pair.x.llm.in_flight == 0
+
+
+async def test_usage_is_asked_for_read_and_shown_only_to_a_client_that_asked(pair: Pair) -> None:
+    """An upstream that reports usage in streams (vLLM, llama.cpp's server): the edge adds
+    stream_options.include_usage, reads the usage chunk, and withholds it from a client that did not ask."""
+    pair.fake.mode = "ok"
+    tokens = pair.x.llm.metrics.tokens
+    before = (tokens.labels("tiny-f", "prompt")._value.get(), tokens.labels("tiny-f", "completion")._value.get())
+    async with httpx.AsyncClient(base_url=pair.x.url, timeout=30) as c:
+        plain = _data((await c.post("/v1/chat/completions", json=STREAM)).text)
+        assert pair.fake.bodies[-1]["stream_options"] == {"include_usage": True}
+        asked = _data((await c.post("/v1/chat/completions",
+                                    json={**STREAM, "stream_options": {"include_usage": True}})).text)
+    assert plain[-1] == asked[-1] == "[DONE]"
+    assert all("usage" not in json.loads(d) for d in plain[:-1])
+    assert json.loads(asked[-2])["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    after = (tokens.labels("tiny-f", "prompt")._value.get(), tokens.labels("tiny-f", "completion")._value.get())
+    assert (after[0] - before[0], after[1] - before[1]) == (6, 4)  # the upstream's numbers, twice
