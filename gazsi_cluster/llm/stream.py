@@ -17,7 +17,7 @@ from gazsi_cluster.llm.metrics import StreamClock
 from gazsi_cluster.llm.relay import Upstream
 from gazsi_cluster.llm.sse import SseSplitter, UsageTap, error_event
 
-__all__ = ["relay_events"]
+__all__ = ["RelayStream", "relay_events"]
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,49 @@ log = logging.getLogger(__name__)
 OK, UPSTREAM_ERROR, TIMEOUT, DISCONNECT = "ok", "upstream_error", "timeout", "disconnect"
 
 
-async def relay_events(
+class RelayStream:
+    """The relay's iterator with a promise: ``on_end`` runs and the upstream closes even when nobody iterated.
+
+    A transport may drop a stream before its first ``anext`` (the client left between the reply's head and
+    its body); closing an async generator that never started runs none of its ``finally``, which would leak
+    the upstream connection, the in-flight count and the key's reservation.
+    """
+
+    def __init__(self, events: AsyncIterator[bytes], up: Upstream,
+                 on_end: Callable[[str], Awaitable[None]] | None) -> None:
+        self._events, self._up, self._on_end = events, up, on_end
+        self._started = False
+
+    def __aiter__(self) -> RelayStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._started = True
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        if not self._started:
+            self._started = True
+            await self._up.aclose()
+            if self._on_end is not None:
+                await asyncio.shield(self._on_end(DISCONNECT))
+        aclose = getattr(self._events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def relay_events(
     up: Upstream, tap: UsageTap, *, chunk_timeout_s: float, clock: StreamClock | None = None,
     on_end: Callable[[str], Awaitable[None]] | None = None,
+) -> RelayStream:
+    """The upstream's events for the client as they arrive; see the module docstring and :class:`RelayStream`."""
+    return RelayStream(_events(up, tap, chunk_timeout_s, clock, on_end), up, on_end)
+
+
+async def _events(
+    up: Upstream, tap: UsageTap, chunk_timeout_s: float, clock: StreamClock | None,
+    on_end: Callable[[str], Awaitable[None]] | None,
 ) -> AsyncIterator[bytes]:
-    """Yield the upstream's events to the client as they arrive; see the module docstring."""
     splitter = SseSplitter()
     outcome = DISCONNECT  # unless the loop below finishes or fails on its own
     try:

@@ -164,3 +164,39 @@ def test_llm_package_surface_is_pinned() -> None:
 def test_an_upstream_embedding_model_is_refused_until_it_is_relayed() -> None:
     with pytest.raises(ConfigError, match="not supported yet"):
         load_settings(edge={"models": [{"name": "e5", "kind": "embedding", "url": "http://127.0.0.1:9"}]})
+
+
+class _StubUpstream:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks, self.closed = chunks, 0
+
+    async def chunks(self, chunk_timeout_s: float):  # type: ignore[no-untyped-def]
+        for c in self._chunks:
+            yield c
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+async def test_a_stream_dropped_before_its_first_chunk_still_ends_once() -> None:
+    from gazsi_cluster.llm.stream import relay_events
+
+    ends: list[str] = []
+
+    async def on_end(outcome: str) -> None:
+        ends.append(outcome)
+
+    up = _StubUpstream([_ev({"choices": [{"delta": {"content": "a"}}]}), b"data: [DONE]\n\n"])
+    dropped = relay_events(up, UsageTap(), chunk_timeout_s=1, on_end=on_end)  # type: ignore[arg-type]
+    await dropped.aclose()  # never iterated: the transport gave up on it
+    assert ends == ["disconnect"] and up.closed >= 1
+    ends.clear()
+    up = _StubUpstream([_ev({"choices": [{"delta": {"content": "a"}}]}), b"data: [DONE]\n\n"])
+    stream = relay_events(up, UsageTap(), chunk_timeout_s=1, on_end=on_end)  # type: ignore[arg-type]
+    got = [c async for c in stream]
+    await stream.aclose()
+    assert got[-1].endswith(b"[DONE]\n\n") and ends == ["ok"]
+    ends.clear()
+    up = _StubUpstream([_ev({"choices": [{"delta": {"content": "a"}}]})])  # no [DONE]: broke off
+    got = [c async for c in relay_events(up, UsageTap(), chunk_timeout_s=1, on_end=on_end)]  # type: ignore[arg-type]
+    assert b'"code":"upstream_error"' in got[-1] and ends == ["upstream_error"]
