@@ -32,7 +32,8 @@ __all__ = ["ROUTES", "STAGES", "EngineMetrics", "RequestMetrics", "render_reques
 # GAZSI's T0..T8 breakdown, as stage names measured from the previous mark.
 STAGES = ("tokenize", "queue", "wait_engine", "inference", "serialize", "total")
 # The route label of every request the pipeline answers (a path it does not serve is "unmatched").
-ROUTES = ("/v1/embeddings", "/inference", "/v1/models", "/healthz", "/readyz", "/index.", "/contacts.", "unmatched")
+ROUTES = ("/v1/embeddings", "/inference", "/v1/models", "/healthz", "/readyz", "/index.", "/contacts.",
+          "/v1/chat/completions", "/v1/completions", "unmatched")
 
 _LATENCY_BUCKETS = (
     50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 10.0,

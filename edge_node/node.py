@@ -35,6 +35,7 @@ from edge_node.engines import Engine
 from edge_node.forwarding import PeerForwarder
 from edge_node.hardware import choose_dataplane
 from edge_node.inputs import InputRules
+from edge_node.llm import LlmBackends
 from edge_node.metrics import EngineMetrics, RequestMetrics, render_request_metrics, request_families
 from edge_node.pipeline import EdgePipeline, ModelFacts
 from edge_node.runtime import ModelRuntime
@@ -89,11 +90,21 @@ class EdgeNode:
             self.dataplane_reason = f"worker {worker.worker} of a {self.dataplane} front"
         else:
             self.dataplane, self.dataplane_reason = choose_dataplane(settings.edge.dataplane)
+            if settings.edge.models and self.dataplane != "asgi":
+                # Chat streams run on the FastAPI/ASGI transport only (issue 16); the fast front and the GPU
+                # plane keep the embedding path free of it. Said at start-up, never a silent 404 later.
+                if settings.edge.dataplane != "auto":
+                    raise ConfigError(f"edge.models (chat/completions) needs edge.dataplane asgi or auto; the "
+                                      f"{self.dataplane} data plane does not relay LLM traffic")
+                self.dataplane, self.dataplane_reason = "asgi", "edge.models lists LLM models: the asgi data plane " \
+                    "relays chat and completions"
         log.info("edge node data plane: %s (%s)", self.dataplane, self.dataplane_reason)
         self.request_metrics = RequestMetrics()
         self.engine_metrics = EngineMetrics()
         self.limits_table: Any = None  # the node's shared per-key limits (fast front: every process counts once)
         self.authorizer: Authorizer = authorizer or self._authorizer()
+        # The node's LLM models (none in a fast front's worker: that data plane does not relay them).
+        self.llm = LlmBackends(settings.edge.models if worker is None else [], settings.llm, self.authorizer)
         self._link, self._advertise = link, advertise
         self.runtime: ModelRuntime | None = None
         self.cache: ResponseCache | None = None
@@ -164,7 +175,7 @@ class EdgeNode:
             model=ModelFacts(settings.engine.model, self.spec.dimensions, self.created),
             rules=InputRules(TextTokenizer(self.spec.path, max_len), settings.limits), embedder=embedder,
             authorizer=self.authorizer, metrics=self.request_metrics, readiness=self.readiness,
-            timing_header=settings.edge.timing_header, forwarder=self.forwarder,
+            timing_header=settings.edge.timing_header, forwarder=self.forwarder, llm=self.llm,
         )
         return transport
 
@@ -227,6 +238,8 @@ class EdgeNode:
             stack.push_async_callback(self.cache.close)
         if self.forwarder is not None:
             stack.push_async_callback(self.forwarder.aclose)
+        await self.llm.start()
+        stack.push_async_callback(self.llm.aclose)
         if self.runtime is not None:
             self.runtime.start(with_batcher=not self.multi_process)
             stack.push_async_callback(self.runtime.stop)
@@ -387,7 +400,7 @@ class EdgeNode:
             scheme="https" if s.edge.tls.enabled else "http", reach=s.edge.reach, region=s.edge.region,
             zone=s.edge.zone,
             dataplane=self.dataplane, dataplane_reason=self.dataplane_summary()[:256],
-            engine_backend=engine.info.backend if engine else s.engine.backend, models=[s.engine.model],
+            engine_backend=engine.info.backend if engine else s.engine.backend, models=[s.engine.model, *self.llm.names()],
             max_batch_size=s.batcher.max_batch_size, version=__version__,
         )
 
@@ -452,6 +465,8 @@ class EdgeNode:
     def render_metrics(self) -> bytes:
         """Every process's metrics in one scrape (workers' summed from their cells in the ring)."""
         parts = [self.engine_metrics.render(), render_request_metrics(self._request_metric_parts())]
+        if self.llm.models:
+            parts.append(self.llm.metrics.render())
         for source in (self.authorizer, self.cache):
             render = getattr(getattr(source, "metrics", source), "render", None)
             if render is not None and source is not None:
@@ -468,6 +483,7 @@ class EdgeNode:
             queue_depth, in_flight = transport_load()
         elif self.runtime is not None and self.runtime.batcher is not None:
             queue_depth, in_flight = self.runtime.batcher.queue_depth, self.runtime.batcher.in_flight_requests
+        in_flight += self.llm.in_flight  # LLM streams count as load: p2c on gateways and peers sees them
         reg = self.engine_metrics.registry
         bsum = w.delta("bsum", reg.get_sample_value("gazsi_batch_size_sum") or 0.0)
         bcount = w.delta("bcount", reg.get_sample_value("gazsi_batch_size_count") or 0.0)

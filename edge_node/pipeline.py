@@ -6,6 +6,8 @@ Read top to bottom, a data request goes
     -> reserve tokens -> embed (one :class:`~edge_node.embedders.Embedder` port) -> encode
     -> record usage -> reply
 
+(chat and completions: route -> decode -> authorize -> model served here? -> the LLM relay, which reserves
+``max_tokens``, streams from the node-local server and records usage: :mod:`edge_node.llm`),
 and any error on the way becomes a reply in exactly one place (:func:`gazsi_cluster.http.errors.error_reply`),
 after the peer forwarder had its chance at the errors a peer can fix (overloaded, model not here, not
 ready). The FastAPI app, the fast front's workers, the GPU data plane and a reverse tunnel all call
@@ -49,15 +51,26 @@ from gazsi_cluster.errors import (
 )
 from gazsi_cluster.http.errors import error_reply
 from gazsi_cluster.http.wire import HttpReply, HttpRequest
+from gazsi_cluster.llm.protocol import LLM_ROUTES, LlmRequest, decode_llm_request
 from gazsi_cluster.protocol import EmbeddingRequest, decode_body
 
-__all__ = ["FORWARDED_HEADER", "EdgePipeline", "Forwarder", "GazsiResult", "ModelFacts"]
+__all__ = ["FORWARDED_HEADER", "EdgePipeline", "Forwarder", "GazsiResult", "LlmRelay", "ModelFacts"]
 
 log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "x-gazsi-forwarded"
 _HTML = "text/html; charset=utf-8"
 _OK = b'{"status":"ok"}'
+
+
+class LlmRelay(Protocol):
+    """The node's LLM models (:class:`edge_node.llm.LlmBackends`): chat and completions after authorize."""
+
+    def names(self) -> list[str]: ...
+
+    def serves(self, model: str, path: str) -> bool: ...
+
+    async def relay(self, request: HttpRequest, req: LlmRequest, principal: Principal) -> HttpReply: ...
 
 
 class Forwarder(Protocol):
@@ -132,16 +145,19 @@ class EdgePipeline:
     def __init__(
         self, *, model: ModelFacts, rules: InputRules, embedder: Embedder, authorizer: Authorizer,
         metrics: RequestMetrics, readiness: Callable[[], dict[str, Any]], timing_header: bool = True,
-        forwarder: Forwarder | None = None,
+        forwarder: Forwarder | None = None, llm: LlmRelay | None = None,
     ) -> None:
         self.model, self.rules, self.embedder = model, rules, embedder
         self.authorizer, self.metrics, self.readiness = authorizer, metrics, readiness
         self.timing_header = timing_header
         self.forwarder = forwarder
+        self.llm = llm
         self.forwarded = 0
         self._routes: dict[str, tuple[str, Route]] = {
             "/v1/embeddings": ("POST", self._embeddings),
             "/inference": ("GET", self._inference),
+            "/v1/chat/completions": ("POST", self._llm),
+            "/v1/completions": ("POST", self._llm),
             "/v1/models": ("GET", self._models),
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
@@ -177,7 +193,9 @@ class EdgePipeline:
 
     async def _refused(self, request: HttpRequest, work: _Work, exc: GazsiError) -> HttpReply:
         """A peer may fix overload, a missing model or a node that is not ready: forward those once."""
+        # LLM routes are not forwarded: the peer forwarder buffers whole answers, and a stream must not wait.
         if (self.forwarder is not None and FORWARDED_HEADER not in request.headers
+                and request.path not in LLM_ROUTES
                 and (isinstance(exc, (UnknownModel, ServiceUnavailable))
                      or (isinstance(exc, Overloaded) and not isinstance(exc, TooManyConnections)))):
             try:
@@ -250,6 +268,16 @@ class EdgePipeline:
                               prompt_tokens=tokens, encoding_format=body.encoding_format)
         return HttpReply(200, out, self._headers(request, principal, work, cache, tokens, len(seqs)))
 
+    async def _llm(self, request: HttpRequest, work: _Work) -> HttpReply:
+        """decode -> authorize (+ per-key request limits) -> model here? -> the LLM relay (tokens, usage)."""
+        req = decode_llm_request(request.path, request.body)
+        work.model = req.model
+        principal = await self._authorize(request, req.model)
+        if self.llm is None or not self.llm.serves(req.model, request.path):
+            what = "chat" if request.path == "/v1/chat/completions" else "completions"
+            raise UnknownModel(f"The model `{req.model}` does not exist or does not serve {what}.", param="model")
+        return await self.llm.relay(request, req, principal)
+
     async def handle_inference(self, request: HttpRequest, text: str) -> GazsiResult | HttpReply:
         """``GET /inference`` for a transport that encodes the body itself (the GPU data plane's build kernel).
 
@@ -289,7 +317,8 @@ class EdgePipeline:
 
     async def _models(self, request: HttpRequest, work: _Work) -> HttpReply:
         principal = await self._authorize(request, None)
-        return HttpReply(200, models_body([self.model.model_id], self.model.created), list(principal.headers))
+        names = [self.model.model_id, *(self.llm.names() if self.llm is not None else ())]
+        return HttpReply(200, models_body(names, self.model.created), list(principal.headers))
 
     async def _healthz(self, request: HttpRequest, work: _Work) -> HttpReply:
         return HttpReply(200, _OK)

@@ -32,6 +32,9 @@ def register(sub: Any) -> None:
                             "node behind NAT; edge.reach=tunnel, edge.tunnel.url)")
     serve.add_argument("--region", help="edge.region")
     serve.add_argument("--zone", help="edge.zone")
+    serve.add_argument("--llm", action="append", default=[], metavar="NAME=URL",
+                       help="serve chat/completions model NAME from the OpenAI-compatible server at URL "
+                       "(llama.cpp server, vLLM, Ollama); repeatable; adds to edge.models")
     serve.set_defaults(handler=_serve)
 
 
@@ -45,6 +48,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     cp = {k: v for k, v in {"url": args.control_plane, "join_token": args.join_token,
                             "ca_file": args.ca_file}.items() if v is not None}
     out: dict[str, Any] = {}
+    if args.llm:
+        edge["models"] = [_llm_model(spec) for spec in args.llm]
     if edge:
         out["edge"] = edge
     if cp:
@@ -56,6 +61,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.no_auth:
         out["auth"] = {"enabled": False}
     return out
+
+
+def _llm_model(spec: str) -> dict[str, str]:
+    """``NAME=URL`` as an ``edge.models`` entry (kind chat: chat and completions)."""
+    name, sep, url = spec.partition("=")
+    if not sep or not name or not url:
+        raise SystemExit(f"gazsi edge serve: --llm wants NAME=URL, got {spec!r}")
+    return {"name": name, "kind": "chat", "url": url}
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -28,6 +28,8 @@ __all__ = [
     "EngineConfig",
     "GatewayConfig",
     "LimitsConfig",
+    "LlmConfig",
+    "ModelConfig",
     "Settings",
     "TLSConfig",
     "TunnelConfig",
@@ -253,6 +255,53 @@ class TunnelConfig(_Section):
     )
 
 
+class ModelConfig(_Section):
+    """One model an edge serves besides its local embedding engine: an OpenAI-compatible upstream (issue 16)."""
+
+    name: str = Field(..., min_length=1, max_length=128, description="Model id clients ask for (and /v1/models "
+                      "and heartbeats list).")
+    kind: Literal["embedding", "chat", "completion"] = Field(
+        "chat", description="chat = /v1/chat/completions and /v1/completions; completion = /v1/completions only; "
+        "embedding = not relayed yet (the node's embedding model is engine.model, served by its local engine).",
+    )
+    url: str = Field(..., pattern=r"^https?://", description="Base URL of the node-local OpenAI-compatible server "
+                     "(llama.cpp server, vLLM, SGLang, Ollama), e.g. http://127.0.0.1:8081 (a trailing /v1 is "
+                     "optional).")
+    upstream_model: str | None = Field(None, max_length=256, description="Model name the upstream expects; "
+                                       "None = name.")
+    api_key: str | None = Field(None, description="Bearer key the upstream wants (never logged).")
+
+    @model_validator(mode="after")
+    def _kind_relayed(self) -> ModelConfig:
+        if self.kind == "embedding":
+            raise ValueError(f"edge.models[{self.name}]: relaying embeddings to an upstream is not supported yet; "
+                             "the node's embedding model is engine.model")
+        return self
+
+
+class LlmConfig(_Section):
+    """Timeouts and bounds of the LLM relay, edge and gateway alike (issue 16)."""
+
+    connect_timeout_s: float = Field(1.0, gt=0, description="Connecting to an upstream (or an edge).")
+    first_byte_timeout_s: float = Field(
+        30.0, gt=0, description="From sending the request to the first byte of the answer (for an answer that "
+        "is not streamed: the whole answer, which servers send only once generated); until then a gateway may "
+        "retry another node, never after.",
+    )
+    chunk_timeout_s: float = Field(
+        30.0, gt=0, description="Longest silence between two chunks of a stream; then the stream ends with an "
+        "SSE error event.",
+    )
+    max_in_flight: int = Field(256, ge=1, le=100_000, description="LLM requests one process relays at once; "
+                               "more get 429 at once.")
+    max_response_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest non-streamed answer relayed.")
+    prefix_affinity_chars: int = Field(
+        0, ge=0, le=65_536, description="Gateway: > 0 sends requests whose prompts share their first this many "
+        "characters to the same edge (consistent hash), so the backend's KV cache of that prefix is reused; "
+        "0 = the routing policy alone (p2c counts each edge's LLM requests in flight).",
+    )
+
+
 class EdgeConfig(_Section):
     @field_validator("dataplane", mode="before")
     @classmethod
@@ -344,11 +393,22 @@ class EdgeConfig(_Section):
         "through the reverse tunnel it keeps to tunnel.url (behind NAT, no public address; issue 17).",
     )
     tunnel: TunnelConfig = Field(default_factory=TunnelConfig, description="The reverse tunnel (reach: tunnel).")
+    models: list[ModelConfig] = Field(
+        default_factory=list, max_length=63, description="Models served through node-local OpenAI-compatible "
+        "servers, beside engine.model (issue 16). Chat needs the asgi data plane: auto picks it when this is set.",
+    )
 
     @model_validator(mode="after")
     def _tunnel_needs_url(self) -> EdgeConfig:
         if self.reach == "tunnel" and not self.tunnel.url:
             raise ValueError("edge.reach 'tunnel' needs edge.tunnel.url (the gateway's tunnel listener host:port)")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> EdgeConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("edge.models: each model name may appear once")
         return self
 
 
@@ -448,6 +508,7 @@ class Settings(BaseSettings):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     control_plane: ControlPlaneConfig = Field(default_factory=ControlPlaneConfig)
+    llm: LlmConfig = Field(default_factory=LlmConfig, description="The chat/completions relay (issue 16).")
 
     @model_validator(mode="after")
     def _batch_fits_engine(self) -> Settings:

@@ -27,6 +27,8 @@
     │   └── TunnelClosed             503  the reverse tunnel to a node is gone (or never came up)
     ├── ClientDisconnected           499  the client went away; its work was cancelled
     ├── EngineError                  500  inference failed; the batch's requests all get it
+    ├── UpstreamError                502  an LLM upstream (or the edge before it) failed before its first byte
+    │   └── UpstreamTimeout          504  no first byte, or silence between chunks, past the configured limit
     └── ConfigError                  —    raised at start-up, never reaches HTTP
 
 Code elsewhere raises these, and translates foreign exceptions at the boundary with
@@ -67,6 +69,8 @@ __all__ = [
     "TunnelClosed",
     "UnknownModel",
     "UnknownNode",
+    "UpstreamError",
+    "UpstreamTimeout",
 ]
 
 
@@ -240,6 +244,20 @@ class EngineError(GazsiError):
     status = 500
     error_type = "server_error"
     code = "engine_error"
+
+
+class UpstreamError(GazsiError):
+    """The node-local LLM server failed; before the first byte a gateway retries another node on this."""
+
+    status = 502
+    error_type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "timeout_error"
+    code = "upstream_timeout"
 
 
 class ConfigError(GazsiError):

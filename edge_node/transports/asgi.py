@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from edge_node.pipeline import EdgePipeline
 from edge_node.transports.base import OpsSource
@@ -25,7 +25,9 @@ from gazsi_cluster.auth.admin_api import build_admin_router
 from gazsi_cluster.http.asgi import install_error_handlers, reply_response
 from gazsi_cluster.http.cancellation import run_until_disconnect
 from gazsi_cluster.http.middleware import BodyLimitMiddleware
+from gazsi_cluster.http.streaming import StreamReply
 from gazsi_cluster.http.wire import HttpRequest
+from gazsi_cluster.llm.protocol import ChatRequest, CompletionRequest
 from gazsi_cluster.protocol import EmbeddingRequest, EmbeddingResponse, InferenceResponse, ModelList
 
 if TYPE_CHECKING:
@@ -50,8 +52,7 @@ def _data_routes(app: FastAPI, pipeline: EdgePipeline) -> None:
                           request.client.host if request.client else None, received)
         reply = await run_until_disconnect(request, pipeline.handle(req))
         if reply.stream is not None:
-            return StreamingResponse(reply.stream, status_code=reply.status, headers=dict(reply.headers),
-                                     media_type=reply.content_type)
+            return StreamReply(reply)  # a disconnect cancels the stream (and its upstream) at once
         return reply_response(reply)
 
     app.add_api_route("/v1/embeddings", endpoint, methods=["POST"], summary="Create embeddings (OpenAI-compatible)",
@@ -60,6 +61,12 @@ def _data_routes(app: FastAPI, pipeline: EdgePipeline) -> None:
                       responses={200: {"model": InferenceResponse}}, openapi_extra={"parameters": [
                           {"name": "d", "in": "query", "required": True, "description": "Text to embed (URL-encoded)",
                            "schema": {"type": "string"}}]})
+    app.add_api_route("/v1/chat/completions", endpoint, methods=["POST"],
+                      summary="Chat completions (OpenAI-compatible), relayed to the model's node-local server",
+                      openapi_extra=_schema(ChatRequest))
+    app.add_api_route("/v1/completions", endpoint, methods=["POST"],
+                      summary="Completions (OpenAI-compatible), relayed to the model's node-local server",
+                      openapi_extra=_schema(CompletionRequest))
     app.add_api_route("/v1/models", endpoint, methods=["GET", "HEAD"], summary="Models served by this node",
                       responses={200: {"model": ModelList}})
     for path in ("/index.", "/contacts."):

@@ -22,7 +22,10 @@ from gazsi_cluster.auth.admin_api import build_admin_router
 from gazsi_cluster.errors import UnknownModel
 from gazsi_cluster.gateway.core import Gateway
 from gazsi_cluster.http.asgi import install_error_handlers, reply_response
+from gazsi_cluster.http.cancellation import run_until_disconnect
 from gazsi_cluster.http.middleware import BodyLimitMiddleware, TimingMiddleware
+from gazsi_cluster.http.streaming import reply_or_stream
+from gazsi_cluster.llm.protocol import CHAT, COMPLETIONS, ChatRequest, CompletionRequest
 from gazsi_cluster.protocol import EmbeddingRequest, EmbeddingResponse, InferenceResponse, ModelList
 from gazsi_cluster.routing import RouteRequest
 from gazsi_cluster.tunnel import tunnelled_ids
@@ -76,6 +79,24 @@ def create_gateway_app(
     ) -> Response:
         return reply_response(await gateway.inference(d, request.headers))
 
+    def _llm_schema(model: type[Any]) -> dict[str, Any]:
+        return {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": model.model_json_schema()}}}}
+
+    @app.post(CHAT, summary="Chat completions (OpenAI-compatible; stream: true for SSE)",
+              openapi_extra=_llm_schema(ChatRequest))
+    async def chat_completions(request: Request) -> Response:
+        # Until the first byte a client that leaves cancels the routing and the edge's request (issue 16).
+        reply = await run_until_disconnect(request, gateway.llm.handle(CHAT, await request.body(), request.headers))
+        return reply_or_stream(reply)
+
+    @app.post(COMPLETIONS, summary="Completions (OpenAI-compatible; stream: true for SSE)",
+              openapi_extra=_llm_schema(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        body = await request.body()
+        return reply_or_stream(await run_until_disconnect(request, gateway.llm.handle(COMPLETIONS, body,
+                                                                                       request.headers)))
+
     @app.get("/v1/models", response_model=ModelList, summary="Models served by the cluster")
     async def models(authorization: Annotated[str | None, Header()] = None) -> Response:
         await gateway.authorizer.authorize(authorization)
@@ -123,7 +144,8 @@ def create_gateway_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        text = generate_latest(registry) + generate_latest(gateway.routing_metrics.registry)
+        text = (generate_latest(registry) + generate_latest(gateway.routing_metrics.registry)
+                + gateway.llm.metrics.render())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

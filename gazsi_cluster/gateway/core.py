@@ -18,6 +18,7 @@ from gazsi_cluster.auth import Authorizer
 from gazsi_cluster.config import Settings
 from gazsi_cluster.errors import InvalidRequest, UnknownModel
 from gazsi_cluster.http.wire import HttpReply
+from gazsi_cluster.llm.router import LlmRouter
 from gazsi_cluster.protocol import EmbeddingRequest
 from gazsi_cluster.routing import RoutingClient, RoutingMetrics, RoutingTable, make_policy
 from gazsi_cluster.tls import routing_client_context
@@ -54,16 +55,21 @@ class Gateway:
         cfg = settings.control_plane
         self.policy = make_policy(cfg.routing_policy, region=cfg.client_region, fallbacks=cfg.region_fallbacks)
         self.routing_metrics = RoutingMetrics()
+        # The one place gateway.edge_tls is read: mTLS to https:// edges with the cluster CA (issue 18).
+        edge_tls = routing_client_context(settings.gateway.edge_tls)
         self.routing = RoutingClient(
             table, self.policy, http=http, hedge=cfg.hedge, metrics=self.routing_metrics,
             attempts=cfg.retry_attempts, timeout_s=cfg.request_timeout_s, connect_timeout_s=cfg.connect_timeout_s,
-            # The one place gateway.edge_tls is read: mTLS to https:// edges with the cluster CA (issue 18).
-            ssl_context=routing_client_context(settings.gateway.edge_tls),
+            ssl_context=edge_tls,
         )
         if tunnels is not None:
             self.routing.sender = TunnelSender(self.routing.sender, tunnels, timeout_s=cfg.request_timeout_s)
+        # Chat and completions (issue 16): streamed through the same table, policy, quarantine and TLS.
+        self.llm = LlmRouter(self.routing, table, settings.llm, attempts=cfg.retry_attempts,
+                             keep_headers=FORWARDED_RESPONSE_HEADERS, verify=edge_tls if edge_tls is not None else True)
 
     async def aclose(self) -> None:
+        await self.llm.aclose()
         await self.routing.aclose()
 
     async def forward(

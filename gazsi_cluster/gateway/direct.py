@@ -27,6 +27,7 @@ from gazsi_cluster.gateway.core import Gateway
 from gazsi_cluster.http.asgi import call_asgi, translate
 from gazsi_cluster.http.errors import error_reply
 from gazsi_cluster.http.wire import HttpReply, HttpRequest
+from gazsi_cluster.llm.protocol import LLM_ROUTES
 from gazsi_cluster.protocol import EmbeddingRequest, invalid_request
 
 __all__ = ["DirectGateway"]
@@ -59,6 +60,9 @@ class DirectGateway:
             route, run = "/v1/embeddings", self._embeddings
         elif request.path == "/inference" and request.method in ("GET", "HEAD"):
             route, run = "/inference", self._inference
+        elif request.path in LLM_ROUTES and request.method == "POST":
+            # Streams are relayed here, not through the app: call_asgi gathers a whole answer (issue 16).
+            route, run = request.path, self._llm
         else:
             return await call_asgi(self.app, request)
         try:
@@ -70,6 +74,9 @@ class DirectGateway:
 
     async def _embeddings(self, request: HttpRequest) -> HttpReply:
         return await self.gateway.embeddings(_embedding_request(request.body), request.body, request.headers)
+
+    async def _llm(self, request: HttpRequest) -> HttpReply:
+        return await self.gateway.llm.handle(request.path, request.body, request.headers, request.received)
 
     async def _inference(self, request: HttpRequest) -> HttpReply:
         d = None

@@ -189,6 +189,10 @@ class RoutingClient:
         finally:
             self.policy.on_finish(node.node_id, elapsed, ok)
 
+    def report_failure(self, node: NodeEntry, reason: str) -> None:
+        """A caller that sends on its own (the LLM relay's streams) reports a node that failed: quarantined alike."""
+        self._failed(_Failed(node, reason))
+
     def _failed(self, failed: _Failed) -> None:
         self._down[failed.node.node_id] = time.monotonic() + self.quarantine_s
         log.info("node %s failed (%s); trying another", failed.node.node_id, failed.reason)
