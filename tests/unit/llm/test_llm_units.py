@@ -81,10 +81,11 @@ def test_edge_models_config() -> None:
 
 def test_cli_llm_flag_becomes_edge_models() -> None:
     from gazsi_cli.edge import _overrides
+    from gazsi_cli.main import build_parser
 
-    ns = argparse.Namespace(host=None, port=None, admin_port=None, dataplane=None, workers=None, region=None,
-                            zone=None, control_plane=None, join_token=None, ca_file=None, backend=None,
-                            data_dir=None, no_auth=False, llm=["llama=http://127.0.0.1:8081", "qwen=http://h:1/v1"])
+    # The real parser: the namespace has every flag `gazsi edge serve` has, today's and tomorrow's.
+    ns = build_parser().parse_args(["edge", "serve", "--llm", "llama=http://127.0.0.1:8081",
+                                    "--llm", "qwen=http://h:1/v1"])
     models = _overrides(ns)["edge"]["models"]
     assert models == [{"name": "llama", "kind": "chat", "url": "http://127.0.0.1:8081"},
                       {"name": "qwen", "kind": "chat", "url": "http://h:1/v1"}]
