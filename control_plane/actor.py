@@ -95,4 +95,6 @@ def get_or_create_control_plane(settings: Settings, *, serve_https: bool = False
     return remote_cls.options(
         name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=3, num_cpus=0, max_concurrency=1000,
+        # Pinned (when configured) to where the HTTPS API's Service points: see control_plane.ray_resources.
+        resources=dict(settings.control_plane.ray_resources) or None,
     ).remote(settings.model_dump_json(), serve_https)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gazsi_cluster.errors import InvalidRequest
-from gazsi_cluster.tls import CertAuthority, private_key_pem, utc_now, write_private
+from gazsi_cluster.tls import CertAuthority, authority_key_id, private_key_pem, utc_now, write_private
 
 __all__ = ["ClusterCA", "IssuedCert", "node_id_from_cert"]
 
@@ -80,7 +80,7 @@ class ClusterCA:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .add_extension(authority_key_id(self.cert), critical=False)
             .sign(self.key, hashes.SHA256())
         )
 

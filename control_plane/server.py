@@ -56,7 +56,7 @@ class ControlPlaneServer:
 
     async def start(self) -> None:
         await self.cp.start()
-        cert, key = self.cp.ca.server_cert([self.host])
+        cert, key = self.cp.ca.server_cert([self.host, *self.cp.config.server_hosts])
         config = uvicorn.Config(
             create_app(self.cp), host=self.host, port=self.port, http=_PeerCertProtocol,
             ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(self.cp.ca.cert_path),

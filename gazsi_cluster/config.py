@@ -479,6 +479,14 @@ class ControlPlaneConfig(_Section):
         None, description="File holding the join token (mode 0600), read when join_token is unset: keeps the "
         "secret out of Serve configs and environments (`gazsi up` writes <data dir>/cluster/join-token).",
     )
+    server_hosts: list[str] = Field(
+        default_factory=list, description="Extra DNS names / IPs for the HTTPS API's certificate (besides host, "
+        "localhost, 127.0.0.1): the names edges outside dial, e.g. a LoadBalancer's (the Helm chart sets them).",
+    )
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources the control plane actor asks for, to pin it to "
+        "the pods a Service sends the HTTPS API's traffic to (the Helm chart: the head's gazsi_gateway).",
+    )
 
     @model_validator(mode="after")
     def _dead_after_suspect(self) -> ControlPlaneConfig:

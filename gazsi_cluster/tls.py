@@ -31,6 +31,7 @@ from gazsi_cluster.errors import ConfigError
 __all__ = [
     "CertAuthority",
     "DeploymentCerts",
+    "authority_key_id",
     "client_context",
     "cluster_client_context",
     "create_deployment_certs",
@@ -43,6 +44,19 @@ __all__ = [
 ]
 
 _CA_DAYS = 3650
+
+
+def authority_key_id(ca: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The AKI of a certificate ``ca`` signs: the CA's own subject key id when it has one.
+
+    Computing it from the public key (SHA-1) is not enough: CAs made elsewhere may use another method
+    (Go 1.25+, hence helm's genCA, uses truncated SHA-256), and OpenSSL then finds no issuer for the chain.
+    """
+    try:
+        ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key())  # type: ignore[arg-type]
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def utc_now() -> dt.datetime:
@@ -117,8 +131,7 @@ class CertAuthority:
             .not_valid_after(utc_now() + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                           critical=False)
+            .add_extension(authority_key_id(self.cert), critical=False)
         )
         names = _san(hosts or ([] if client else [common_name]))
         if names:

@@ -272,5 +272,9 @@ def test_rendered_env_is_accepted_by_settings(render: Render, value_set: str,
             monkeypatch.setenv(item["name"], value)
         settings = load_settings()
         assert settings.auth.database_url and settings.auth.redis_url
-        assert settings.control_plane.join_token == "secret-value"
+        if settings.control_plane.serve_https:  # outsideEdges: the token as a file, like `gazsi up`
+            assert settings.control_plane.join_token is None
+            assert str(settings.control_plane.join_token_file) == "/etc/gazsi/join/join-token"
+        else:
+            assert settings.control_plane.join_token == "secret-value"
         assert settings.edge.dataplane == resolved["GAZSI_EDGE__DATAPLANE"]

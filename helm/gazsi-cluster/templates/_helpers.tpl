@@ -142,6 +142,7 @@ resolve to gpunetio: say so now rather than let the replicas crash-loop. */}}
 {{- end }}
 {{- end }}
 {{- include "gazsi.validateGatewayDirect" . }}
+{{- include "gazsi.validateOutsideEdges" . }}
 {{- include "gazsi.validateCpus" . }}
 {{- end }}
 
@@ -306,11 +307,15 @@ Call with: dict "ctx" $ "edgeTLS" <whether this pod's edges serve mTLS>
     secretKeyRef:
       name: {{ include "gazsi.adminSecret" . }}
       key: admin-key
+{{- if include "gazsi.outsideEdges" . }}
+{{- include "gazsi.outsideControlPlaneEnv" . | nindent 0 }}
+{{- else }}
 - name: GAZSI_CONTROL_PLANE__JOIN_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ include "gazsi.joinTokenSecret" . }}
       key: join-token
+{{- end }}
 {{- if .Values.postgresql.enabled }}
 - name: PGPASSWORD
   valueFrom:
@@ -406,6 +411,23 @@ shared-memory object store, the data dir and the TLS material.
   secret:
     secretName: {{ include "gazsi.tlsSecret" . }}
     defaultMode: 0440
+    # Not ca.key (the generated Secret holds it): only the head's control plane signs, see gazsi.headVolumes.
+    items:
+      - key: ca.crt
+        path: ca.crt
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- if include "gazsi.outsideEdges" . }}
+- name: join-token
+  secret:
+    secretName: {{ include "gazsi.joinTokenSecret" . }}
+    defaultMode: 0440
+    items:
+      - key: join-token
+        path: join-token
 {{- end }}
 {{- end }}
 
@@ -420,5 +442,167 @@ shared-memory object store, the data dir and the TLS material.
 - name: tls
   mountPath: /etc/gazsi/tls
   readOnly: true
+{{- end }}
+{{- if include "gazsi.outsideEdges" . }}
+- name: join-token
+  mountPath: /etc/gazsi/join
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+Edges outside the cluster (issue 17, outsideEdges): "true" when enabled, else empty.
+*/}}
+{{- define "gazsi.outsideEdges" -}}
+{{- if .Values.outsideEdges.enabled }}true{{ end }}
+{{- end }}
+
+{{- define "gazsi.tunnelSecret" -}}
+{{- .Values.outsideEdges.tunnel.existingSecret | default (printf "%s-tunnel-tls" (include "gazsi.fullname" .)) }}
+{{- end }}
+
+{{/*
+The names in the tunnel listener's certificate, split as x509 wants them (JSON lists): outsideEdges.hosts that
+parse as IP addresses, and the DNS names (plus the tunnel Service's in-cluster names and loopback).
+*/}}
+{{- define "gazsi.outsideIPs" -}}
+{{- $ips := list "127.0.0.1" }}
+{{- range $h := .Values.outsideEdges.hosts }}
+{{- if or (regexMatch "^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$" $h) (contains ":" $h) }}{{ $ips = append $ips $h }}{{ end }}
+{{- end }}
+{{- toJson (uniq $ips) }}
+{{- end }}
+
+{{- define "gazsi.outsideDNS" -}}
+{{- $fullname := include "gazsi.fullname" . }}
+{{- $dns := list }}
+{{- range $h := .Values.outsideEdges.hosts }}
+{{- if not (or (regexMatch "^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$" $h) (contains ":" $h)) }}{{ $dns = append $dns $h }}{{ end }}
+{{- end }}
+{{- $dns = concat $dns (list (printf "%s-tunnel" $fullname) (printf "%s-tunnel.%s.svc" $fullname .Release.Namespace) "localhost") }}
+{{- toJson (uniq $dns) }}
+{{- end }}
+
+{{/*
+outsideEdges needs the cluster CA (tls.enabled), the gateways pinned to the head (gateway.direct.enabled: the
+tunnel Service selects the head pod) and the addresses edges dial (hosts, for the certificates).
+*/}}
+{{- define "gazsi.validateOutsideEdges" -}}
+{{- if include "gazsi.outsideEdges" . }}
+{{- $o := .Values.outsideEdges }}
+{{- if not .Values.tls.enabled }}
+{{- fail "outsideEdges.enabled needs tls.enabled: the join API, node certificates and the tunnel listener use the cluster CA" }}
+{{- end }}
+{{- if not .Values.gateway.direct.enabled }}
+{{- fail "outsideEdges.enabled needs gateway.direct.enabled: it pins the gateways (and their tunnel listeners) and the control plane actor to the head pod, which the control-plane and tunnel Services select" }}
+{{- end }}
+{{- if not $o.hosts }}
+{{- fail "outsideEdges.enabled needs outsideEdges.hosts: the DNS names or IPs edges outside dial (a LoadBalancer's address, a node's IP for NodePort); the certificates must name them" }}
+{{- end }}
+{{- if and .Values.tls.existingSecret (not $o.tunnel.existingSecret) }}
+{{- fail "outsideEdges with tls.existingSecret needs outsideEdges.tunnel.existingSecret (a tls.crt/tls.key signed by that CA): the chart cannot sign with a CA it did not make" }}
+{{- end }}
+{{- $ports := dict "gateway.direct.port" (int .Values.gateway.direct.port) "serve.port" (int .Values.serve.port) "metrics.port" (int .Values.metrics.port) "edge.port" (int .Values.edge.port) }}
+{{- range $what, $port := dict "outsideEdges.controlPlane.port" (int $o.controlPlane.port) "outsideEdges.tunnel.port" (int $o.tunnel.port) }}
+{{- range $other, $p := $ports }}
+{{- if eq $port $p }}
+{{- fail (printf "%s %d collides with %s in the head pod: choose another port" $what $port $other) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if eq (int $o.controlPlane.port) (int $o.tunnel.port) }}
+{{- fail "outsideEdges.controlPlane.port and outsideEdges.tunnel.port must differ" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Control plane settings every Ray pod gets with outsideEdges (the control plane actor takes the settings of
+whichever replica creates it, gateway or edge), as `gazsi up` sets them (gazsi_cli/outside.py): the HTTPS API
+on 0.0.0.0:<port> with the outside names in its certificate, pinned to the head (where its Service points)
+by the gateways' custom Ray resource, and the join token as a file.
+*/}}
+{{- define "gazsi.outsideControlPlaneEnv" -}}
+- name: GAZSI_CONTROL_PLANE__SERVE_HTTPS
+  value: "true"
+- name: GAZSI_CONTROL_PLANE__HOST
+  value: "0.0.0.0"
+- name: GAZSI_CONTROL_PLANE__PORT
+  value: {{ .Values.outsideEdges.controlPlane.port | quote }}
+- name: GAZSI_CONTROL_PLANE__SERVER_HOSTS
+  value: {{ concat .Values.outsideEdges.hosts (list (printf "%s-control-plane" (include "gazsi.fullname" .)) (printf "%s-control-plane.%s.svc" (include "gazsi.fullname" .) .Release.Namespace)) | uniq | toJson | quote }}
+- name: GAZSI_CONTROL_PLANE__RAY_RESOURCES
+  value: {{ dict (include "gazsi.gatewayResource" .) 1 | toJson | quote }}
+- name: GAZSI_CONTROL_PLANE__JOIN_TOKEN_FILE
+  value: /etc/gazsi/join/join-token
+{{- end }}
+
+{{/*
+The head's gateways: the reverse-tunnel listener (gateway.tunnel_*), as `gazsi up` sets it.
+*/}}
+{{- define "gazsi.tunnelEnv" -}}
+{{- if include "gazsi.outsideEdges" . }}
+- name: GAZSI_GATEWAY__TUNNEL_HOST
+  value: "0.0.0.0"
+- name: GAZSI_GATEWAY__TUNNEL_PORT
+  value: {{ .Values.outsideEdges.tunnel.port | quote }}
+- name: GAZSI_GATEWAY__TUNNEL_TLS__CERTFILE
+  value: /etc/gazsi/tunnel/tls.crt
+- name: GAZSI_GATEWAY__TUNNEL_TLS__KEYFILE
+  value: /etc/gazsi/tunnel/tls.key
+- name: GAZSI_GATEWAY__TUNNEL_TLS__CLIENT_CA_FILE
+  value: /etc/gazsi/tls/ca.crt
+- name: GAZSI_GATEWAY__TUNNEL_TLS__REQUIRE_CLIENT_CERT
+  value: "true"
+{{- end }}
+{{- end }}
+
+{{/*
+Head-only volumes with outsideEdges: the cluster CA with its key (copied into the data dir by an init
+container, where control_plane/ca.py loads it and writes the HTTPS API's certificate beside it) and the
+tunnel listener's certificate.
+*/}}
+{{- define "gazsi.headVolumes" -}}
+{{- if include "gazsi.outsideEdges" . }}
+- name: cluster-ca
+  secret:
+    secretName: {{ include "gazsi.tlsSecret" . }}
+    defaultMode: 0440
+    items:
+      - key: ca.crt
+        path: ca.crt
+      - key: ca.key
+        path: ca.key
+- name: tunnel-tls
+  secret:
+    secretName: {{ include "gazsi.tunnelSecret" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "gazsi.headVolumeMounts" -}}
+{{- if include "gazsi.outsideEdges" . }}
+- name: tunnel-tls
+  mountPath: /etc/gazsi/tunnel
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "gazsi.headInitContainers" -}}
+{{- if include "gazsi.outsideEdges" . }}
+# The control plane loads <data dir>/ca/ca.{crt,key} and writes its server certificate there, so the
+# directory must be writable: a copy on the data emptyDir, not the read-only Secret mount.
+- name: cluster-ca
+  image: {{ include "gazsi.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  command: ["sh", "-c", "install -d -m 0700 /data/gazsi/ca && install -m 0644 /etc/gazsi/cluster-ca/ca.crt /data/gazsi/ca/ca.crt && install -m 0600 /etc/gazsi/cluster-ca/ca.key /data/gazsi/ca/ca.key"]
+  volumeMounts:
+    - name: data
+      mountPath: /data
+    - name: cluster-ca
+      mountPath: /etc/gazsi/cluster-ca
+      readOnly: true
 {{- end }}
 {{- end }}

@@ -3,8 +3,8 @@
 Run by test_tunnel_netns.py inside ``unshare -rn`` (namespace A, the "cluster side", 10.77.0.1). The
 edge runs in a namespace B made here (``unshare -n``), reached over a veth pair as 10.77.0.2, and its
 listener binds B's own loopback: A can open no connection to it, while B can open connections to A.
-That is the property a NAT gives an edge (outbound only); this machine has no iptables/nft, so there is
-no real NAT (no conntrack, no address translation), and the test says so rather than pretend.
+That is the property a NAT gives an edge (outbound only), without one; _tunnel_nat_scenario.py has a real
+NAT (nftables masquerade and conntrack in a router namespace).
 
 The edge (the real CLI, ONNX CPU engine) joins the control plane at https://10.77.0.1 with the join
 token, dials the gateway's tunnel listener on 10.77.0.1, and serves embeddings the gateway relays through

@@ -2,8 +2,8 @@
 
 Two network namespaces and a veth pair (see _tunnel_netns_scenario.py): the edge's listener is on its
 own namespace's loopback, so nothing on the cluster side can open a connection to it; the edge joins and
-dials out. No real NAT: this machine has no iptables/nft (no conntrack), so "outbound only" comes from
-where the edge listens, not from address translation.
+dials out. No NAT here: "outbound only" comes from where the edge listens, not from address translation;
+test_tunnel_nat.py does the same behind a real nftables masquerade router.
 """
 
 from __future__ import annotations
