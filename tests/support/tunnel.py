@@ -29,9 +29,11 @@ from gazsi_cluster.http.listener import HttpListener, bind_socket
 from gazsi_cluster.tls import create_deployment_certs
 from gazsi_cluster.tunnel import TunnelHub, tunnel_hub
 
-__all__ = ["TOKEN", "TunnelCluster", "start_gateway", "stop_gateway", "tunnel_cluster", "until"]
+__all__ = ["TOKEN", "TunnelCluster", "serve_edge_in_namespace", "start_gateway", "stop_gateway", "tunnel_cluster",
+           "until"]
 
 TOKEN = "join-s3cret-0123456789"
+MODEL = "all-MiniLM-L6-v2"
 ADMIN = "admin-s3cret"
 T = TypeVar("T")
 
@@ -128,3 +130,77 @@ async def tunnel_cluster(tmp: Path, *, host: str = "127.0.0.1", gateway: dict[st
     finally:
         await stop_gateway(gw, hub, listener)
         await server.stop()
+
+
+async def serve_edge_in_namespace(cluster: TunnelCluster, tmp: Path, ns_pid: int, result: dict[str, Any], *,
+                                  host: str, advertise: str, what: str, inputs: list[str],
+                                  probes: Callable[[int], dict[str, Any]]) -> None:
+    """``gazsi edge serve`` (real CLI, ONNX, fast front) in the network namespace of ``ns_pid``, joined and
+    tunnelled to ``cluster``; records into ``result``: when it became routable, what the control plane
+    knows of it, ``probes(port)`` (blocking, run off the loop), embeddings through the gateway, and how fast
+    it leaves routing after kill -9. The namespace tests (veth, NAT) differ only in topology and probes."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    cmd = ["nsenter", f"--net=/proc/{ns_pid}/ns/net", sys.executable, "-m", "gazsi_cli.main",
+           "--log-level", "warning", "edge", "serve", "--data-dir", str(tmp / "edge"), "--host", host,
+           "--port", "0", "--dataplane", "fast", "--workers", "1", "--no-auth", "--advertise", advertise,
+           *cluster.edge_args()]
+    # Popen returns at once; its output is read off the loop (to_thread) while the control plane answers.
+    edge = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,  # noqa: ASYNC220
+                            env=dict(os.environ, GAZSI_ENGINE__ONNX_THREADS="1"))
+    assert edge.stdout is not None
+    lines: list[str] = []
+    try:
+        port = None
+        while port is None:
+            line = await asyncio.to_thread(edge.stdout.readline)
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"serving on https?://[\d.]+:(\d+)", line)
+            port = int(m[1]) if m else None
+        result["edge_port"] = port
+        if port is None:
+            return
+
+        async def routed() -> str | None:
+            return next((n.node_id for n in cluster.gateway.table().nodes if n.url.startswith("tunnel://")), None)
+
+        started = time.monotonic()
+        node_id = await until(routed, 120, what, step_s=0.1)
+        result["routable_after_s"] = round(time.monotonic() - started, 1)
+        facts = cluster.server.cp.registry.get(node_id).facts
+        result["table_url"] = cluster.server.cp.table.by_id[node_id].url
+        result["facts_address"], result["reach"] = facts.address, facts.reach
+        result["tunnel_ids"] = sorted(cluster.hub.tunnels)
+        result["node_id"] = node_id
+        # Blocking probes (subprocesses, connects with timeouts), off the loop the control plane runs on.
+        result.update(await asyncio.to_thread(probes, port))
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(cluster.gateway_url + "/v1/embeddings", json={"model": MODEL, "input": inputs})
+            result["via_gateway"] = {"status": r.status_code,
+                                     "dims": [len(d["embedding"]) for d in r.json().get("data", [])]}
+            t0 = time.monotonic()
+            codes = [(await http.post(cluster.gateway_url + "/v1/embeddings",
+                                      json={"model": MODEL, "input": f"n {i}"})).status_code for i in range(20)]
+            result["twenty_requests_s"] = round(time.monotonic() - t0, 2)
+            result["more_codes"] = sorted(set(codes))
+            edge.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+
+            async def gone() -> bool | None:
+                return True if node_id not in cluster.gateway.table().by_id else None
+
+            await until(gone, 10, "the killed edge out of the gateway's routing", step_s=0.005)
+            result["left_table_ms"] = round((time.monotonic() - killed) * 1000)
+            after = await http.post(cluster.gateway_url + "/v1/embeddings", json={"model": MODEL, "input": "x"})
+            result["after_kill"] = {"status": after.status_code, "body": after.json()}
+    finally:
+        if edge.poll() is None:
+            edge.kill()
+        edge.wait(10)
+        result["edge_lines"] = lines[-8:]

@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -27,12 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from tests.support.tunnel import tunnel_cluster, until
+from tests.support.tunnel import serve_edge_in_namespace, tunnel_cluster
 
 CLUSTER, ROUTER_OUT, ROUTER_IN, EDGE = "10.77.1.1", "10.77.1.2", "192.168.77.1", "192.168.77.2"
-MODEL = "all-MiniLM-L6-v2"
 NFT = json.loads(os.environ["GAZSI_NFT_ARGV"])
 NFT_ENV = dict(os.environ, **json.loads(os.environ.get("GAZSI_NFT_ENV", "{}")))
 
@@ -133,66 +128,10 @@ def direct_probes(router: int, edge_ns: int, port: int) -> dict[str, Any]:
 async def scenario(tmp: Path, router: int, edge_ns: int, result: dict[str, Any]) -> None:
     result["source_seen_by_cluster"] = await asyncio.to_thread(seen_source, edge_ns)
     async with tunnel_cluster(tmp, host=CLUSTER) as cluster:
-        cmd = ["nsenter", f"--net=/proc/{edge_ns}/ns/net", sys.executable, "-m", "gazsi_cli.main",
-               "--log-level", "warning", "edge", "serve", "--data-dir", str(tmp / "edge"), "--host", "0.0.0.0",
-               "--port", "0", "--dataplane", "fast", "--workers", "1", "--no-auth", "--advertise", EDGE,
-               *cluster.edge_args()]
-        # Popen returns at once; its output is read off the loop (to_thread) while the control plane answers.
-        edge = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,  # noqa: ASYNC220
-                                env=dict(os.environ, GAZSI_ENGINE__ONNX_THREADS="1"))
-        assert edge.stdout is not None
-        lines: list[str] = []
-        try:
-            port = None
-            while port is None:
-                line = await asyncio.to_thread(edge.stdout.readline)
-                if not line:
-                    break
-                lines.append(line)
-                m = re.search(r"serving on https?://[\d.]+:(\d+)", line)
-                port = int(m[1]) if m else None
-            result["edge_port"] = port
-            if port is None:
-                return
-
-            async def routed() -> str | None:
-                return next((n.node_id for n in cluster.gateway.table().nodes if n.url.startswith("tunnel://")), None)
-
-            started = time.monotonic()
-            node_id = await until(routed, 120, "the edge behind the NAT routable through its tunnel", step_s=0.1)
-            result["routable_after_s"] = round(time.monotonic() - started, 1)
-            facts = cluster.server.cp.registry.get(node_id).facts
-            result["table_url"] = cluster.server.cp.table.by_id[node_id].url
-            result["facts_address"], result["reach"] = facts.address, facts.reach
-            result["tunnel_ids"] = sorted(cluster.hub.tunnels)
-            result["node_id"] = node_id
-            # Blocking probes (subprocesses, connects with timeouts), off the loop the control plane runs on.
-            result.update(await asyncio.to_thread(direct_probes, router, edge_ns, port))
-            async with httpx.AsyncClient(timeout=30) as http:
-                r = await http.post(cluster.gateway_url + "/v1/embeddings",
-                                    json={"model": MODEL, "input": ["behind a NAT", "via the tunnel"]})
-                result["via_gateway"] = {"status": r.status_code,
-                                         "dims": [len(d["embedding"]) for d in r.json().get("data", [])]}
-                t0 = time.monotonic()
-                codes = [(await http.post(cluster.gateway_url + "/v1/embeddings",
-                                          json={"model": MODEL, "input": f"n {i}"})).status_code for i in range(20)]
-                result["twenty_requests_s"] = round(time.monotonic() - t0, 2)
-                result["more_codes"] = sorted(set(codes))
-                edge.send_signal(signal.SIGKILL)
-                killed = time.monotonic()
-
-                async def gone() -> bool | None:
-                    return True if node_id not in cluster.gateway.table().by_id else None
-
-                await until(gone, 10, "the killed edge out of the gateway's routing", step_s=0.005)
-                result["left_table_ms"] = round((time.monotonic() - killed) * 1000)
-                after = await http.post(cluster.gateway_url + "/v1/embeddings", json={"model": MODEL, "input": "x"})
-                result["after_kill"] = {"status": after.status_code, "body": after.json()}
-        finally:
-            if edge.poll() is None:
-                edge.kill()
-            edge.wait(10)
-            result["edge_lines"] = lines[-8:]
+        await serve_edge_in_namespace(
+            cluster, tmp, edge_ns, result, host="0.0.0.0", advertise=EDGE,
+            what="the edge behind the NAT routable through its tunnel", inputs=["behind a NAT", "via the tunnel"],
+            probes=lambda port: direct_probes(router, edge_ns, port))
 
 
 def main() -> None:

@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from tests.support.tunnel import tunnel_cluster, until
+from tests.support.tunnel import serve_edge_in_namespace, tunnel_cluster
 
 A, B = "10.77.0.1", "10.77.0.2"
-MODEL = "all-MiniLM-L6-v2"
 
 
 def sh(*cmd: str) -> None:
@@ -61,67 +54,16 @@ def connects(host: str, port: int) -> str:
 
 
 async def scenario(tmp: Path, holder: subprocess.Popen[bytes], result: dict[str, Any]) -> None:
+    def probes(port: int) -> dict[str, str]:
+        # The gateway's side cannot open a connection to the edge: not to the address it advertised,
+        # not to "its" loopback (that is A's own), while the edge reached A (join, heartbeats, tunnel).
+        return {"direct_to_advertised": connects(B, port), "direct_to_loopback": connects("127.0.0.1", port)}
+
     async with tunnel_cluster(tmp, host=A) as cluster:
-        cmd = ["nsenter", f"--net=/proc/{holder.pid}/ns/net", sys.executable, "-m", "gazsi_cli.main",
-               "--log-level", "warning", "edge", "serve", "--data-dir", str(tmp / "edge"), "--host", "127.0.0.1",
-               "--port", "0", "--dataplane", "fast", "--workers", "1", "--no-auth", "--advertise", B,
-               *cluster.edge_args()]
-        # Popen returns at once; its output is read off the loop (to_thread) while the control plane answers.
-        edge = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,  # noqa: ASYNC220
-                                env=dict(os.environ, GAZSI_ENGINE__ONNX_THREADS="1"))
-        assert edge.stdout is not None
-        lines: list[str] = []
-        try:
-            port = None
-            while port is None:
-                line = await asyncio.to_thread(edge.stdout.readline)
-                if not line:
-                    break
-                lines.append(line)
-                m = re.search(r"serving on https?://[\d.]+:(\d+)", line)
-                port = int(m[1]) if m else None
-            result["edge_port"] = port
-            if port is None:
-                return
-
-            async def routed() -> str | None:
-                return next((n.node_id for n in cluster.gateway.table().nodes if n.url.startswith("tunnel://")), None)
-
-            started = time.monotonic()
-            node_id = await until(routed, 120, "the edge in namespace B routable through its tunnel", step_s=0.1)
-            result["routable_after_s"] = round(time.monotonic() - started, 1)
-            facts = cluster.server.cp.registry.get(node_id).facts
-            result["table_url"] = cluster.server.cp.table.by_id[node_id].url
-            result["facts_address"], result["reach"] = facts.address, facts.reach
-            result["tunnel_ids"] = sorted(cluster.hub.tunnels)
-            result["node_id"] = node_id
-            # The gateway's side cannot open a connection to the edge: not to the address it advertised,
-            # not to "its" loopback (that is A's own), while the edge reached A (join, heartbeats, tunnel).
-            result["direct_to_advertised"] = connects(B, port)
-            result["direct_to_loopback"] = connects("127.0.0.1", port)
-            async with httpx.AsyncClient(timeout=30) as http:
-                r = await http.post(cluster.gateway_url + "/v1/embeddings",
-                                    json={"model": MODEL, "input": ["across namespaces", "via the tunnel"]})
-                result["via_gateway"] = {"status": r.status_code,
-                                         "dims": [len(d["embedding"]) for d in r.json().get("data", [])]}
-                codes = [(await http.post(cluster.gateway_url + "/v1/embeddings",
-                                          json={"model": MODEL, "input": f"n {i}"})).status_code for i in range(20)]
-                result["more_codes"] = sorted(set(codes))
-                edge.send_signal(signal.SIGKILL)
-                killed = time.monotonic()
-
-                async def gone() -> bool | None:
-                    return True if node_id not in cluster.gateway.table().by_id else None
-
-                await until(gone, 10, "the killed edge out of the gateway's routing", step_s=0.005)
-                result["left_table_ms"] = round((time.monotonic() - killed) * 1000)
-                after = await http.post(cluster.gateway_url + "/v1/embeddings", json={"model": MODEL, "input": "x"})
-                result["after_kill"] = {"status": after.status_code, "body": after.json()}
-        finally:
-            if edge.poll() is None:
-                edge.kill()
-            edge.wait(10)
-            result["edge_lines"] = lines[-8:]
+        await serve_edge_in_namespace(
+            cluster, tmp, holder.pid, result, host="127.0.0.1", advertise=B,
+            what="the edge in namespace B routable through its tunnel",
+            inputs=["across namespaces", "via the tunnel"], probes=probes)
 
 
 def main() -> None:
