@@ -11,7 +11,7 @@ from typing import Any
 from edge_node.node import EdgeNode
 from gazsi_cluster.config import load_settings
 
-__all__ = ["BYTE_TRANSPORTS", "TRANSPORTS", "running_node", "wait_node_ready"]
+__all__ = ["BYTE_TRANSPORTS", "TRANSPORTS", "gazsi", "running_node", "wait_node_ready"]
 
 # The transports that run on a CPU-only machine; the gpu one is covered in tests/gpu.
 TRANSPORTS = ("asgi", "fast")
@@ -106,3 +106,14 @@ class EdgeProcess:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout_s)
         return int(self.proc.returncode)
+
+
+def gazsi(*args: str) -> str:
+    """Run the ``gazsi`` command as a user would (a subprocess); its stdout, or the test fails with its output."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.support.edge import EdgeProcess
+from tests.support.edge import EdgeProcess, gazsi
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -34,17 +33,10 @@ FEEDS = 3
 GPU_REFERENCE = [sys.executable, "-m", "tests.support.gpu_plane"]
 
 
-def _cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeProcess, str]]:
     data = tmp_path_factory.mktemp("gpu-feeds")
-    key = json.loads(_cli("keys", "--data-dir", str(data), "--json", "create", "--name", "feeds",
+    key = json.loads(gazsi("keys", "--data-dir", str(data), "--json", "create", "--name", "feeds",
                           "--rpm", str(RPM)))["key"]
     edge = EdgeProcess(data, "--workers", str(FEEDS), "--backend", "onnx-cpu", command=GPU_REFERENCE,
                        env={"GAZSI_CACHE__ENABLED": "false"})

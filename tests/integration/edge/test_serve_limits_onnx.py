@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.support.edge import EdgeProcess
+from tests.support.edge import EdgeProcess, gazsi
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -32,17 +30,10 @@ REQUESTS = 150
 CLIENTS = 10
 
 
-def _cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "gazsi_cli.main", "--log-level", "warning", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeProcess, str]]:
     data = tmp_path_factory.mktemp("edge-onnx-auth")
-    key = json.loads(_cli("keys", "--data-dir", str(data), "--json", "create", "--name", "hammered",
+    key = json.loads(gazsi("keys", "--data-dir", str(data), "--json", "create", "--name", "hammered",
                           "--rpm", str(RPM)))["key"]
     started = time.monotonic()
     # Auth is on by default; the response cache stays on (inputs below never repeat).
