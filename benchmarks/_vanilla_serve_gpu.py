@@ -63,9 +63,15 @@ class VanillaGpuEmbedder:
 
 
 if __name__ == "__main__":
+    from pathlib import Path
+
     import ray
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._ray_home import own_ray_home
+
     model_dir, port = sys.argv[1], int(sys.argv[2])
+    own_ray_home()
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(VanillaGpuEmbedder.bind(model_dir), route_prefix="/", blocking=False)

@@ -75,6 +75,9 @@ def run_vanilla_serve(args: argparse.Namespace) -> dict:
     import ray
     from ray import serve
 
+    from benchmarks._ray_home import own_ray_home
+
+    own_ray_home()
     ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(), log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8102})
     from benchmarks._vanilla_serve import build

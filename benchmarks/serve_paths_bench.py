@@ -68,8 +68,10 @@ def main() -> None:
     from ray import serve
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._ray_home import own_ray_home
     from benchmarks._vanilla_serve import build
 
+    own_ray_home()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
