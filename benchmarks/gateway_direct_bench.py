@@ -31,8 +31,8 @@ from benchmarks.h100_bench import CORES, Wrk  # noqa: E402
 MODEL = "all-MiniLM-L6-v2"
 
 
-def serve_gateway(variant: str, edge_url: str, port: int) -> None:
-    """The gateway process: one variant of the direct listener in front of ``edge_url``."""
+def serve_gateway(variant: str, edge_url: str, port: int, model: str = MODEL) -> None:
+    """The gateway process: one variant of the direct listener in front of ``edge_url`` serving ``model``."""
     from gazsi_cluster.auth import AllowAll
     from gazsi_cluster.config import load_settings
     from gazsi_cluster.gateway import DirectGateway, Gateway, create_gateway_app
@@ -43,7 +43,7 @@ def serve_gateway(variant: str, edge_url: str, port: int) -> None:
 
     async def main() -> None:
         settings = load_settings(auth={"enabled": False})
-        table = RoutingTable(1, 1, (NodeEntry("e1", edge_url, models=(MODEL,)),))
+        table = RoutingTable(1, 1, (NodeEntry("e1", edge_url, models=(model,)),))
         gateway = Gateway(settings, authorizer=AllowAll(), table=lambda: table)
         if variant == "fastapi":
             await start_server(create_gateway_app(gateway), "127.0.0.1", port, **listener_options(settings.limits))

@@ -36,6 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gateway_direct_bench import serve_gateway  # noqa: E402  (the same gateway variants)
+
 MODEL = "tiny"
 
 
@@ -43,32 +45,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def serve_gateway(variant: str, edge_url: str, port: int) -> None:
-    """The gateway process: one variant in front of ``edge_url``."""
-    from gazsi_cluster.auth import AllowAll
-    from gazsi_cluster.config import load_settings
-    from gazsi_cluster.gateway import DirectGateway, Gateway, create_gateway_app
-    from gazsi_cluster.http.hardening import listener_options
-    from gazsi_cluster.http.listener import HttpListener, bind_socket
-    from gazsi_cluster.http.server import start_server
-    from gazsi_cluster.routing import NodeEntry, RoutingTable
-
-    async def main() -> None:
-        settings = load_settings(auth={"enabled": False})
-        table = RoutingTable(1, 1, (NodeEntry("e1", edge_url, models=(MODEL,)),))
-        gateway = Gateway(settings, authorizer=AllowAll(), table=lambda: table)
-        if variant == "fastapi":
-            await start_server(create_gateway_app(gateway), "127.0.0.1", port, **listener_options(settings.limits))
-        else:
-            listener = HttpListener(DirectGateway(gateway, create_gateway_app(gateway)).handle, settings.limits)
-            await listener.start(bind_socket("127.0.0.1", port))
-        await asyncio.Event().wait()
-
-    import uvloop
-
-    uvloop.run(main())
 
 
 def _wait(url: str, limit_s: float = 120) -> None:
@@ -206,7 +182,7 @@ def main() -> None:
     args = p.parse_args()
     if args.serve_gateway:
         variant, edge_url, port = args.serve_gateway
-        serve_gateway(variant, edge_url, int(port))
+        serve_gateway(variant, edge_url, int(port), model=MODEL)
         return
     from tests.support.llm_server import LlamaServer, write_tiny_gguf
 
