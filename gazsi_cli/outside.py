@@ -51,7 +51,9 @@ class OutsideAccess:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
 
-    def lines(self, gazsi: str) -> list[str]:
+    def lines(self) -> list[str]:
+        """The operator's text. The join command names plain `gazsi`: it runs on another machine, with gazsi
+        installed there, where a path into this machine's virtual environment would mean nothing."""
         token = f'"$(cat {self.join_token_file})"' if self.join_token_file else "<control_plane.join_token>"
         return [
             f"  control plane (HTTPS join API):  {self.control_plane_url}",
@@ -60,7 +62,7 @@ class OutsideAccess:
                                               if self.join_token_file else ""),
             "",
             "  join an edge from another machine (it dials out: no inbound port, works behind NAT):",
-            f"  {gazsi} edge serve --control-plane {self.control_plane_url} --ca-file {self.ca_file} \\",
+            f"  gazsi edge serve --control-plane {self.control_plane_url} --ca-file {self.ca_file} \\",
             f"       --join-token {token} --tunnel {self.tunnel}",
         ]
 

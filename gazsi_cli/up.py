@@ -247,7 +247,7 @@ def _up(args: argparse.Namespace) -> int:
     _print_welcome(settings, gateway, admin_key)
     outside.write(settings.data_dir)
     print()
-    print("\n".join(outside.lines(_gazsi_command())))
+    print("\n".join(outside.lines()))
     return 0
 
 

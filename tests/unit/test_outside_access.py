@@ -35,7 +35,7 @@ def test_prepare_makes_the_files_once_and_prints_a_join_command(tmp_path: Path) 
     cert.verify_directly_issued_by(ca)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # the pair loads as a server certificate
     server.load_cert_chain(env["GAZSI_GATEWAY__TUNNEL_TLS__CERTFILE"], env["GAZSI_GATEWAY__TUNNEL_TLS__KEYFILE"])
-    text = "\n".join(first.lines("gazsi"))
+    text = "\n".join(first.lines())
     assert f"--join-token \"$(cat {token_file})\"" in text and f"--tunnel {first.tunnel}" in text
     assert f"--control-plane {first.control_plane_url}" in text and f"--ca-file {first.ca_file}" in text
 

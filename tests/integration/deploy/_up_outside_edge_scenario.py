@@ -66,8 +66,10 @@ def main() -> None:
         result["token_mode"] = oct((data / "cluster" / "join-token").stat().st_mode & 0o777)
         # As printed, plus what makes it a second node on this one machine (own data dir, any port).
         full = f"{command} --data-dir {outside} --port 0 --workers 1 --no-auth"
+        # `gazsi` on PATH, as on a machine where it is installed (the command names no path of this one).
+        outside_env = dict(env, PATH=f"{Path(GAZSI).parent}{os.pathsep}{env.get('PATH', '')}")
         edge = subprocess.Popen(["bash", "-c", f"exec {full}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)
+                                text=True, env=outside_env)
         assert edge.stdout is not None
         admin, lines = None, []
         deadline = time.monotonic() + 180
