@@ -6,6 +6,10 @@ server pinned to the other cores), same inputs (8-16-token sentences and ~128-to
 
     python3 benchmarks/h100_bench.py --out $OUT --wrk .whl_perf_tools/wrk --model-src .whl_perf_tools/model
 
+System ``infinity`` (issue 14's peer) runs Infinity 0.0.78 from ``--infinity-site``, a folder holding it and
+the pinned versions it needs (numpy<2, scipy 1.13, sentence-transformers 3.4, transformers 4.57, ...),
+installed there with ``pip install --no-deps --target``; saturation only.
+
 Per system: saturation (closed loop, wrk -c256) for 1-input and 32-input ``POST /v1/embeddings``
 and 1 long input; then latency at 10/50/90 % of that system's own 1-input saturation. wrk has no
 open-loop mode: those runs are *paced* (each connection waits a random delay between requests,
@@ -452,6 +456,8 @@ def main() -> int:
     ap.add_argument("--backend", default="torch-cuda", help="fake/onnx-cpu: dry runs of this script off the GPU")
     ap.add_argument("--before-tree", type=Path, help="a checkout of the commit before the refactor (edge-fast-before)")
     ap.add_argument("--kinds", default="single,batch32,long,inference", help="request kinds for edge-fast")
+    ap.add_argument("--infinity-site", type=Path, default=Path("/tmp/inf"),
+                    help="folder with Infinity 0.0.78 and its pinned dependencies (system infinity)")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:KEY=VALUE,...: one more edge-fast system with these edge.* settings")
     args = ap.parse_args()
@@ -522,6 +528,20 @@ def main() -> int:
         systems.append(System("edge-gpu-node", [*cli, "--config", str(cfg), "edge", "serve"],
                               "http://127.0.0.1:8350", "http://127.0.0.1:8351/readyz",
                               "http://127.0.0.1:8351/metrics", ["inference"]))
+    if "infinity" in wanted:
+        # Issue 14's peer: Infinity 0.0.78 (torch fp16, batch 128, its cache off by default) with the pinned
+        # versions it needs in their own folder, first on its PYTHONPATH only (the image's numpy 2 and
+        # transformers 5 break it); USE_JAX/FLAX/TF=0 keep transformers off the image's jaxlib.
+        site = str(args.infinity_site.resolve())
+        inf_cmd = [py, "-c", "import sys; from infinity_emb.cli import cli; sys.argv[0] = 'infinity_emb'; cli()",
+                   "v2", "--model-id", str(model_dir), "--served-model-name", MODEL, "--batch-size", "128",
+                   "--dtype", "float16", "--device", "cuda", "--engine", "torch", "--no-bettertransformer",
+                   "--url-prefix", "/v1", "--host", "127.0.0.1", "--port", "8700"]
+        systems.append(System("infinity", inf_cmd, "http://127.0.0.1:8700", "http://127.0.0.1:8700/health", None,
+                              ["single", "batch32"], ready_s=240.0, paced=False,
+                              env={"PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}", "USE_JAX": "0",
+                                   "USE_FLAX": "0", "USE_TF": "0", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+                                   "HF_HUB_OFFLINE": "1"}))
     if "ray-serve" in wanted:
         systems.append(System("ray-serve", [py, "benchmarks/_vanilla_serve_gpu.py", str(model_dir), "8400"],
                               "http://127.0.0.1:8400", "http://127.0.0.1:8400/healthz", "http://127.0.0.1:8400/stats",
