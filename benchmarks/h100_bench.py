@@ -458,6 +458,8 @@ def main() -> int:
     ap.add_argument("--kinds", default="single,batch32,long,inference", help="request kinds for edge-fast")
     ap.add_argument("--infinity-site", type=Path, default=Path("/tmp/inf"),
                     help="folder with Infinity 0.0.78 and its pinned dependencies (system infinity)")
+    ap.add_argument("--gpu-variant", action="append", default=[],
+                    help="NAME:KEY=VALUE,...: one more gpu-plane system (edge-gpu-NAME) with these edge.* settings")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:KEY=VALUE,...: one more edge-fast system with these edge.* settings")
     args = ap.parse_args()
@@ -522,6 +524,17 @@ def main() -> int:
         systems.append(System("edge-gpu", [*cli, "--config", str(cfg), "edge", "serve"], "http://127.0.0.1:8300",
                               "http://127.0.0.1:8301/readyz", "http://127.0.0.1:8301/metrics",
                               ["inference", "single"]))
+    # Issue 15: gpu-plane settings side by side (edge.gpu_sync, feed count as workers=N), /inference only.
+    for i, variant in enumerate(args.gpu_variant):
+        name, _, sets = variant.partition(":")
+        extra = {k: yaml_scalar(v) for k, _, v in (kv.partition("=") for kv in sets.split(",") if kv)}
+        feeds = int(extra.pop("workers", args.workers))
+        port = 8800 + 10 * i
+        cfg = our_config(out / f"cfg_gpu_{name}.yaml", model_dir, port, feeds, dataplane="gpu",
+                         backend=args.backend, **extra)
+        systems.append(System(f"edge-gpu-{name}", [*cli, "--config", str(cfg), "edge", "serve"],
+                              f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}/readyz",
+                              f"http://127.0.0.1:{port + 1}/metrics", ["inference"]))
     if "edge-gpu-node" in wanted:  # the plane in the node process alone (issue 15's 2,480 req/s)
         cfg = our_config(out / "cfg_gpu_node.yaml", model_dir, 8350, 0, dataplane="gpu", backend=args.backend,
                          gpu_feed="node")
