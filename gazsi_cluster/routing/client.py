@@ -157,7 +157,7 @@ class RoutingClient:
         table = self.routable_table()
         if table is not self._table() and self.metrics is not None:
             self.metrics.stale_table.inc()
-        down = self.quarantined()
+        down = self.quarantined() if self._down else None  # none quarantined: the usual case, no set built
         if down:
             try:
                 node = self.policy.choose(table, RouteRequest(req.model, req.key, req.region, req.zone,
