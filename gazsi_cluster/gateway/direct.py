@@ -44,6 +44,9 @@ def _embedding_request(body: bytes) -> tuple[str, int | None]:
         raise invalid_request([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]) from None
     if plain_embedding_request(data):
         return data["model"], data.get("dimensions")
+    if type(data) is not dict:  # FastAPI's words for a body that is not an object (pydantic's name the model)
+        raise invalid_request([{"type": "model_attributes_type", "loc": ("body",),
+                                "msg": "Input should be a valid dictionary or object to extract fields from"}])
     try:
         req = EmbeddingRequest.model_validate(data)
     except ValidationError as exc:
