@@ -292,9 +292,13 @@ class PooledSender:
         self.closing = False
         self._pools: dict[str, _Pool] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tick = max(0.01, min(0.1, timeout_s / 20))
 
     def pool(self, origin: str) -> _Pool:
+        """The pool of ``scheme://host:port`` (made on first use), on the running loop."""
+        if asyncio.get_running_loop() is not self._loop:
+            self._adopt(asyncio.get_running_loop())
         pool = self._pools.get(origin)
         if pool is None:
             pool = self._pools[origin] = _Pool(self, origin)
@@ -307,13 +311,24 @@ class PooledSender:
             pool.sweep(now)
         self._sweeper = None if self.closing else loop.call_later(self._tick, self._sweep)
 
+    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Connections and the sweep belong to one event loop: on another (a sender kept across loops, as in
+        tests) start afresh, or the old loop's sweep would never fire here and no deadline would hold."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for pool in self._pools.values():
+            for conn in [*pool.idle, *pool.busy]:
+                with contextlib.suppress(Exception):
+                    conn.abort()
+        self._pools.clear()
+        self._loop = loop
+        self._sweeper = loop.call_later(self._tick, self._sweep)
+
     async def send(self, method: str, url: str, *, content: bytes | str | None = None, json: Any = None,
                    params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None) -> Response:
         if self.closing:
             raise SendError("SenderClosed: the routing client is closing")
         loop = asyncio.get_running_loop()
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(self._tick, self._sweep)
         # url = origin + target; the origin is cut at the first "/" after "scheme://".
         cut = url.find("/", url.find("://") + 3)
         origin, target = (url, "/") if cut < 0 else (url[:cut], url[cut:])
@@ -377,5 +392,6 @@ class PooledSender:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        self._loop = None
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)  # let the transports' connection_lost run

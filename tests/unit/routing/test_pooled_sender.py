@@ -280,3 +280,22 @@ async def test_a_refused_node_is_a_send_error_and_the_routing_client_fails_over(
                     await client.aclose()
     finally:
         sock.close()
+
+
+def test_a_sender_kept_across_event_loops_starts_afresh_on_the_new_one() -> None:
+    async def hangs(conn: int, n: int, head: bytes, body: bytes) -> bytes:
+        await asyncio.sleep(10)
+        return ok()
+
+    s = sender(timeout_s=0.2)
+
+    async def once() -> None:
+        async with server(echo) as (url, _):
+            assert (await s.send("POST", url + "/", content=b"a")).content == b"a"
+        async with server(hangs) as (url, _):  # the deadline holds on this loop too (its sweep runs here)
+            with pytest.raises(SendError, match="TimeoutError"):
+                await s.send("POST", url + "/", content=b"b")
+
+    asyncio.run(once())
+    asyncio.run(once())
+    asyncio.run(s.aclose())
