@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,22 @@ def log(msg: str) -> None:
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
+
+
+def gateway_views(n: int = 8) -> list[Any]:
+    """What the gateway replicas behind :8080 say on ``/readyz`` (a new connection each: SO_REUSEPORT spreads
+    them): the edges in each replica's table and the ones it routes over. Taken before the gateway run, so a
+    run's 503s can be told apart: an empty table (NoHealthyNode, no send at all) or failed sends to the edge."""
+    views: list[Any] = []
+    for _ in range(n):
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:8080/readyz", timeout=5) as resp:
+                views.append(json.loads(resp.read()))
+        except urllib.error.HTTPError as exc:
+            views.append({"status": exc.code, "body": exc.read()[:300].decode(errors="replace")})
+        except Exception as exc:
+            views.append({"error": repr(exc)})
+    return views
 
 
 def gazsi(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -164,6 +181,9 @@ def main() -> int:
         paths = {"edge (/v1/route)": edge, "gateway direct :8080": "http://127.0.0.1:8080",
                  "serve proxy :8000": "http://127.0.0.1:8000"}
         for name, url in paths.items():
+            if name.startswith("gateway"):
+                results.setdefault("gateway_readyz_before", gateway_views())
+                log(f"gateway /readyz before its run: {results['gateway_readyz_before']}")
             # Status codes counted on the gateway paths (their rates leave wrk room to parse replies).
             r = _ok(wrk.run(url, "single", args.conns, args.duration, statuses=not name.startswith("edge")))
             results["paths"].setdefault(name, {})["single"] = r

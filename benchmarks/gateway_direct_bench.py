@@ -1,12 +1,16 @@
-"""The gateway's direct listener alone: FastAPI on uvicorn (before) vs ``DirectGateway`` on ``HttpListener``.
+"""The gateway's direct listener alone: FastAPI on uvicorn vs ``DirectGateway`` on ``HttpListener``.
 
 One edge (``gazsi edge serve``, fast front; the fake engine by default so the edge is not the limit),
 one gateway process per variant with a fixed routing table to it, the same wrk load (single-input
 ``POST /v1/embeddings``, inputs that do not repeat within 64 bodies). Reports 2xx answers per second and
-the gateway process's CPU per request:
+the gateway process's CPU per request. Variants (``--variants``): ``fastapi`` (the app on uvicorn),
+``direct`` (the direct listener), ``direct-aiohttp`` (the same with the aiohttp sender the routing
+client used before issue 14's pools), ``direct-before`` (the direct listener of another tree,
+``--before-tree``, e.g. ``git archive`` of an older commit, run with that tree's own copy of this script):
 
     python3 benchmarks/gateway_direct_bench.py --wrk .carry/perf/wrk --out /tmp/gwbench \\
-        --gateway-cores 0 --edge-cores 1 --wrk-cores 1
+        --gateway-cores 0 --edge-cores 1 --wrk-cores 1 --before-tree /tmp/gw-before \\
+        --variants fastapi,direct-before,direct-aiohttp,direct
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from benchmarks.h100_bench import CORES, Wrk  # noqa: E402
 MODEL = "all-MiniLM-L6-v2"
 
 
-def serve_gateway(variant: str, edge_url: str, port: int, model: str = MODEL) -> None:
-    """The gateway process: one variant of the direct listener in front of ``edge_url`` serving ``model``."""
+def serve_gateway(variant: str, edge_url: str, port: int, model: str = MODEL, sender: str = "default") -> None:
+    """The gateway process: one variant of the direct listener in front of ``edge_url`` serving ``model``.
+
+    ``sender="aiohttp"``: the routing client sends with aiohttp, as before issue 14's pools."""
     from gazsi_cluster.auth import AllowAll
     from gazsi_cluster.config import load_settings
     from gazsi_cluster.gateway import DirectGateway, Gateway, create_gateway_app
@@ -45,6 +51,12 @@ def serve_gateway(variant: str, edge_url: str, port: int, model: str = MODEL) ->
         settings = load_settings(auth={"enabled": False})
         table = RoutingTable(1, 1, (NodeEntry("e1", edge_url, models=(model,)),))
         gateway = Gateway(settings, authorizer=AllowAll(), table=lambda: table)
+        if sender == "aiohttp":
+            from gazsi_cluster.routing._transport import AiohttpSender
+
+            cp = settings.control_plane
+            gateway.routing.sender = AiohttpSender(timeout_s=cp.request_timeout_s,
+                                                   connect_timeout_s=cp.connect_timeout_s)
         if variant == "fastapi":
             await start_server(create_gateway_app(gateway), "127.0.0.1", port, **listener_options(settings.limits))
         else:
@@ -86,12 +98,16 @@ def main() -> int:
     ap.add_argument("--gateway-cores", default="0")
     ap.add_argument("--edge-cores", default="1")
     ap.add_argument("--wrk-cores", default="1")
+    ap.add_argument("--variants", default="fastapi,direct", help="comma-separated: fastapi, direct, "
+                    "direct-aiohttp, direct-before (needs --before-tree)")
+    ap.add_argument("--before-tree", type=Path, help="a tree (with this script) whose direct listener is the before")
     ap.add_argument("--serve", choices=["fastapi", "direct"], help=argparse.SUPPRESS)
+    ap.add_argument("--sender", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--edge-url", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=8410, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve_gateway(args.serve, args.edge_url, args.port)
+        serve_gateway(args.serve, args.edge_url, args.port, sender=args.sender)
         return 0
     CORES["wrk"] = args.wrk_cores
     out: Path = args.out
@@ -105,29 +121,40 @@ def main() -> int:
         env=env, cwd=ROOT, stdout=(out / "edge.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv,
                                "backend": args.backend, "conns": args.conns, "variants": {}}
+    variants = args.variants.split(",")
+    if "direct-before" in variants and args.before_tree is None:
+        ap.error("direct-before needs --before-tree")
     wrk = Wrk(args.wrk, out)
     try:
         wait_ok("http://127.0.0.1:8401/readyz")
-        for variant in ("fastapi", "direct"):
+        for variant in variants:
+            tree, serve, extra = ROOT, variant, []
+            if variant == "direct-before":
+                tree, serve = args.before_tree.resolve(), "direct"
+            elif variant == "direct-aiohttp":
+                serve, extra = "direct", ["--sender", "aiohttp"]
             gw = subprocess.Popen(
-                ["taskset", "-c", args.gateway_cores, sys.executable, str(Path(__file__).resolve()), "--wrk", "-",
-                 "--out", "-", "--serve", variant, "--edge-url", "http://127.0.0.1:8400", "--port", str(args.port)],
-                env=env, cwd=ROOT, stdout=(out / f"gateway_{variant}.log").open("wb"), stderr=subprocess.STDOUT,
-                start_new_session=True)
+                ["taskset", "-c", args.gateway_cores, sys.executable, str(tree / "benchmarks/gateway_direct_bench.py"),
+                 "--wrk", "-", "--out", "-", "--serve", serve, "--edge-url", "http://127.0.0.1:8400",
+                 "--port", str(args.port), *extra],
+                env={**env, "PYTHONPATH": str(tree)}, cwd=tree, stdout=(out / f"gateway_{variant}.log").open("wb"),
+                stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 wait_ok(f"http://127.0.0.1:{args.port}/healthz")
                 url = f"http://127.0.0.1:{args.port}"
                 warm = wrk.run(url, "single", args.conns, 2, statuses=True)  # warm-up
-                print(f"{variant:8s}: warm-up answers {warm.get('statuses')}", flush=True)
+                print(f"{variant:14s}: warm-up answers {warm.get('statuses')}", flush=True)
                 c0 = cpu_s(gw.pid)
                 r = wrk.run(url, "single", args.conns, args.duration, statuses=True)
                 c1 = cpu_s(gw.pid)
                 ok = r["requests"] - r["errors"]
                 r["ok_rps"] = ok / (r["duration_us"] / 1e6)
                 r["gateway_cpu_ms_per_req"] = (c1 - c0) * 1e3 / max(1, ok)
+                r["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
                 results["variants"][variant] = r
-                print(f"{variant:8s}: {r['ok_rps']:9,.0f} 2xx/s  p50 {r['p50'] / 1e3:6.2f} ms  errors {r['errors']}  "
-                      f"gateway CPU {r['gateway_cpu_ms_per_req']:.3f} ms/request {r.get('statuses')}", flush=True)
+                print(f"{variant:14s}: {r['ok_rps']:9,.0f} 2xx/s  p50 {r['p50'] / 1e3:6.2f} ms  errors {r['errors']}  "
+                      f"gateway CPU {r['gateway_cpu_ms_per_req']:.3f} ms/request {r.get('statuses')}  "
+                      f"load {' '.join(r['loadavg'])}", flush=True)
             finally:
                 os.killpg(gw.pid, signal.SIGTERM)
                 gw.wait(20)

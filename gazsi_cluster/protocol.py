@@ -27,6 +27,7 @@ __all__ = [
     "Usage",
     "decode_body",
     "invalid_request",
+    "plain_embedding_request",
 ]
 
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
@@ -173,3 +174,22 @@ def decode_body(model: type[M], body: bytes) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise invalid_request(list(exc.errors())) from None
+
+
+def plain_embedding_request(data: Any) -> bool:
+    """True when a decoded body is certainly a valid :class:`EmbeddingRequest` of the common shape: one
+    string ``input``, a string ``model``, and ``encoding_format``, ``dimensions``, ``user`` absent or of
+    their strict types. False means "ask pydantic" (the body may still be valid, e.g. a list ``input``),
+    so the errors and their 400 bodies always come from the model. A gateway forwards the raw bytes and
+    needs only ``model`` and ``dimensions``: ~3 % of its CPU per request was this model's validation.
+
+    >>> plain_embedding_request({"model": "m", "input": "hi"}), plain_embedding_request({"model": "m", "input": 5})
+    (True, False)
+    """
+    if type(data) is not dict or type(data.get("input")) is not str or type(data.get("model")) is not str:
+        return False
+    fmt = data.get("encoding_format", "float")
+    dims = data.get("dimensions")
+    user = data.get("user")
+    return (type(fmt) is str and fmt in ("float", "base64")
+            and (dims is None or type(dims) is int) and (user is None or type(user) is str))

@@ -19,7 +19,6 @@ from gazsi_cluster.config import Settings
 from gazsi_cluster.errors import InvalidRequest, UnknownModel
 from gazsi_cluster.http.wire import HttpReply
 from gazsi_cluster.llm.router import LlmRouter
-from gazsi_cluster.protocol import EmbeddingRequest
 from gazsi_cluster.routing import RoutingClient, RoutingMetrics, RoutingTable, make_policy
 from gazsi_cluster.tls import routing_client_context
 from gazsi_cluster.tunnel import TunnelHub, TunnelSender
@@ -34,7 +33,9 @@ FORWARDED_RESPONSE_HEADERS = (
     "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
     "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
 )
-_FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "cache-control", "x-gazsi-timing", "x-request-id")
+_FORWARDED_REQUEST_HEADERS = frozenset(
+    ("authorization", "content-type", "cache-control", "x-gazsi-timing", "x-request-id"))
+_KEPT_RESPONSE_HEADERS = frozenset(FORWARDED_RESPONSE_HEADERS)
 
 
 class Gateway:
@@ -89,20 +90,22 @@ class Gateway:
             method, path, model=model, key=affinity_key, region=headers.get("x-gazsi-region"),
             zone=headers.get("x-gazsi-zone"), content=body, params=params, headers=fwd,
         )
-        out = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
+        out = {k: v for k, v in resp.headers.items() if k.lower() in _KEPT_RESPONSE_HEADERS}
         return resp.status_code, out, resp.content
 
-    async def embeddings(self, body: EmbeddingRequest, raw: bytes, headers: Mapping[str, str]) -> HttpReply:
-        """``POST /v1/embeddings``, validated ``body`` and its ``raw`` bytes: checked here, answered by an edge."""
-        if body.dimensions is not None and body.dimensions < 1:
+    async def embeddings(self, model: str, dimensions: int | None, raw: bytes,
+                         headers: Mapping[str, str]) -> HttpReply:
+        """``POST /v1/embeddings``: the ``model`` and ``dimensions`` of a validated body, and its ``raw`` bytes
+        (forwarded as they came): checked here, answered by an edge."""
+        if dimensions is not None and dimensions < 1:
             raise InvalidRequest("dimensions must be a positive integer", param="dimensions")
         table = self.table()
-        if table.candidates() and not table.candidates(body.model):
+        if table.candidates() and not table.candidates(model):
             # Found by the schemathesis pass (issue 9): a model no edge serves is the client's
             # mistake (404, as on an edge), not a 503 "no healthy node" inviting retries.
-            raise UnknownModel(f"The model `{body.model}` does not exist.", param="model")
+            raise UnknownModel(f"The model `{model}` does not exist.", param="model")
         affinity = raw if self.policy.name == "hash" else None
-        return relay(*await self.forward("POST", "/v1/embeddings", headers=headers, body=raw, model=body.model,
+        return relay(*await self.forward("POST", "/v1/embeddings", headers=headers, body=raw, model=model,
                                          affinity_key=affinity))
 
     async def inference(self, d: str | None, headers: Mapping[str, str]) -> HttpReply:

@@ -28,23 +28,30 @@ from gazsi_cluster.http.asgi import call_asgi, translate
 from gazsi_cluster.http.errors import error_reply
 from gazsi_cluster.http.wire import HttpReply, HttpRequest
 from gazsi_cluster.llm.protocol import LLM_ROUTES
-from gazsi_cluster.protocol import EmbeddingRequest, invalid_request
+from gazsi_cluster.protocol import EmbeddingRequest, invalid_request, plain_embedding_request
 
 __all__ = ["DirectGateway"]
 
 
-def _embedding_request(body: bytes) -> EmbeddingRequest:
-    """Validate as FastAPI does for the app's route, so both paths give the same 400 for the same body."""
+def _embedding_request(body: bytes) -> tuple[str, int | None]:
+    """``(model, dimensions)`` of a body validated as FastAPI does for the app's route, so both paths give the
+    same 400 for the same body (the common shape is checked without pydantic: :func:`plain_embedding_request`)."""
     if not body:
         raise invalid_request([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise invalid_request([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]) from None
+    if plain_embedding_request(data):
+        return data["model"], data.get("dimensions")
+    if type(data) is not dict:  # FastAPI's words for a body that is not an object (pydantic's name the model)
+        raise invalid_request([{"type": "model_attributes_type", "loc": ("body",),
+                                "msg": "Input should be a valid dictionary or object to extract fields from"}])
     try:
-        return EmbeddingRequest.model_validate(data)
+        req = EmbeddingRequest.model_validate(data)
     except ValidationError as exc:
         raise invalid_request([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    return req.model, req.dimensions
 
 
 class DirectGateway:
@@ -73,7 +80,8 @@ class DirectGateway:
         return reply
 
     async def _embeddings(self, request: HttpRequest) -> HttpReply:
-        return await self.gateway.embeddings(_embedding_request(request.body), request.body, request.headers)
+        model, dimensions = _embedding_request(request.body)
+        return await self.gateway.embeddings(model, dimensions, request.body, request.headers)
 
     async def _llm(self, request: HttpRequest) -> HttpReply:
         return await self.gateway.llm.handle(request.path, request.body, request.headers, request.received)

@@ -1,9 +1,10 @@
-"""How the routing client sends HTTP: aiohttp by default, an injected httpx client in tests.
+"""How the routing client sends HTTP: per-node connection pools by default (:mod:`._pool`), aiohttp as it was
+before issue 14 (kept for comparison: ``benchmarks/gateway_direct_bench.py``), an injected httpx client in tests.
 
 Measured on the gateway (py-spy, 2-core VM, 32 clients): httpx/httpcore took 77% of the
 gateway's CPU, a third of it scanning the connection pool (`_assign_requests_to_connections`),
 and capped the gateway at ~110 req/s in front of an edge doing ~360. aiohttp's connector does
-not scan per request. Both senders return objects with ``status_code``, ``headers``, ``content``
+not scan per request (but see :mod:`._pool` for what it did cost). Senders return objects with ``status_code``, ``headers``, ``content``
 and ``json()``, and raise :class:`SendError` for anything another node might not suffer.
 """
 
@@ -46,7 +47,8 @@ class _Answer:
 
 
 class Sender(Protocol):
-    async def send(self, method: str, url: str, **kwargs: Any) -> Response: ...
+    async def send(self, method: str, url: str, *, content: bytes | str | None = None, json: Any = None,
+                   params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None) -> Response: ...
 
     async def aclose(self) -> None: ...
 

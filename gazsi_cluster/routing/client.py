@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gazsi_cluster.errors import NoHealthyNode
-from gazsi_cluster.routing._transport import AiohttpSender, HttpxSender, Response, Sender, SendError
+from gazsi_cluster.routing._pool import PooledSender
+from gazsi_cluster.routing._transport import HttpxSender, Response, Sender, SendError
 from gazsi_cluster.routing.metrics import RoutingMetrics
 from gazsi_cluster.routing.policies import RouteRequest, RoutingPolicy
 from gazsi_cluster.routing.table import NodeEntry, RoutingTable
@@ -97,11 +98,11 @@ class RoutingClient:
     ) -> None:
         self._table = table
         self.policy = policy
-        # ``http``: an httpx.AsyncClient to send through (tests); default aiohttp (see _transport).
+        # ``http``: an httpx.AsyncClient to send through (tests); default per-node keep-alive pools (_pool).
         # ``ssl_context``: for https:// edges, e.g. tls.cluster_client_context (mTLS inside the cluster).
         self.sender: Sender = (
             HttpxSender(http) if http is not None
-            else AiohttpSender(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, ssl_context=ssl_context)
+            else PooledSender(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, ssl_context=ssl_context)
         )
         self.attempts = attempts
         self.hedge = hedge
@@ -156,7 +157,7 @@ class RoutingClient:
         table = self.routable_table()
         if table is not self._table() and self.metrics is not None:
             self.metrics.stale_table.inc()
-        down = self.quarantined()
+        down = self.quarantined() if self._down else None  # none quarantined: the usual case, no set built
         if down:
             try:
                 node = self.policy.choose(table, RouteRequest(req.model, req.key, req.region, req.zone,

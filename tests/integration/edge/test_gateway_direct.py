@@ -33,6 +33,13 @@ CASES: list[tuple[str, str, Any]] = [
     ("POST", "/v1/embeddings", {"model": MODEL}),
     ("POST", "/v1/embeddings", {"model": MODEL, "input": 5}),
     ("POST", "/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": 0}),
+    ("POST", "/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": True}),
+    ("POST", "/v1/embeddings", {"model": MODEL, "input": "x", "encoding_format": None}),
+    ("POST", "/v1/embeddings", {"model": MODEL, "input": "x", "user": 5}),
+    ("POST", "/v1/embeddings", {"model": 5, "input": "x"}),
+    ("POST", "/v1/embeddings", [MODEL, "x"]),  # not an object: FastAPI's message, on both paths
+    ("POST", "/v1/embeddings", b"null"),
+    ("POST", "/v1/embeddings", b"5"),
     ("POST", "/v1/embeddings", {"model": "no-such-model", "input": "x"}),
     ("POST", "/v1/embeddings", {"model": MODEL, "input": ""}),  # the edge refuses it: relayed as is
     ("POST", "/v1/embeddings", b"x" * 70_000),  # over max_body_bytes

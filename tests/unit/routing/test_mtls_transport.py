@@ -1,4 +1,4 @@
-"""Gateway → edge mTLS, client side: the routing client's aiohttp sender with
+"""Gateway → edge mTLS, client side: the routing client's senders (the default pooled one, aiohttp) with
 ``tls.cluster_client_context`` reaches a server that requires cluster client certificates, and
 nothing without one (or with another CA's) gets through. Real TLS on loopback."""
 
@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 
 from gazsi_cluster.errors import ConfigError
+from gazsi_cluster.routing._pool import PooledSender
 from gazsi_cluster.routing._transport import AiohttpSender, SendError
 from gazsi_cluster.tls import CertAuthority, client_context, cluster_client_context, server_context
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
+
+
+@pytest.fixture(params=[PooledSender, AiohttpSender], ids=["pooled", "aiohttp"])
+def sender_cls(request: pytest.FixtureRequest) -> type[PooledSender | AiohttpSender]:
+    cls: type[PooledSender | AiohttpSender] = request.param
+    return cls
 
 
 def write_pair(dir_: Path, name: str, pems: tuple[bytes, bytes]) -> tuple[Path, Path]:
@@ -63,8 +70,9 @@ async def edge(pki: dict[str, Path]) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
-async def test_cluster_client_cert_is_accepted_and_identified(pki: dict[str, Path], edge: str) -> None:
-    sender = AiohttpSender(timeout_s=5, connect_timeout_s=2,
+async def test_cluster_client_cert_is_accepted_and_identified(pki: dict[str, Path], edge: str,
+                                                              sender_cls: type[PooledSender]) -> None:
+    sender = sender_cls(timeout_s=5, connect_timeout_s=2,
                            ssl_context=cluster_client_context(pki["ca"], pki["gw_crt"], pki["gw_key"]))
     try:
         r = await sender.send("POST", edge, content=b"{}")
@@ -74,10 +82,11 @@ async def test_cluster_client_cert_is_accepted_and_identified(pki: dict[str, Pat
 
 
 @pytest.mark.parametrize("who", ["no certificate", "another CA's certificate"])
-async def test_without_a_cluster_certificate_the_edge_refuses(pki: dict[str, Path], edge: str, who: str) -> None:
+async def test_without_a_cluster_certificate_the_edge_refuses(pki: dict[str, Path], edge: str, who: str,
+                                                             sender_cls: type[PooledSender]) -> None:
     ctx = (client_context(pki["ca"]) if who == "no certificate"
            else client_context(pki["ca"], certfile=pki["rogue_crt"], keyfile=pki["rogue_key"]))
-    sender = AiohttpSender(timeout_s=5, connect_timeout_s=2, ssl_context=ctx)
+    sender = sender_cls(timeout_s=5, connect_timeout_s=2, ssl_context=ctx)
     try:
         with pytest.raises(SendError):
             await sender.send("POST", edge, content=b"{}")
@@ -86,12 +95,12 @@ async def test_without_a_cluster_certificate_the_edge_refuses(pki: dict[str, Pat
 
 
 async def test_the_gateway_refuses_an_edge_the_cluster_ca_did_not_sign(pki: dict[str, Path], tmp_path: Path,
-                                                                    edge: str) -> None:
+                                                                    edge: str, sender_cls: type[PooledSender]) -> None:
     # Trusting another CA only: the edge's certificate does not verify, so nothing is sent.
     other = CertAuthority.create("not the cluster")
     (tmp_path / "other.crt").write_bytes(other.cert_pem)
-    sender = AiohttpSender(timeout_s=5, connect_timeout_s=2,
-                           ssl_context=cluster_client_context(tmp_path / "other.crt", pki["gw_crt"], pki["gw_key"]))
+    sender = sender_cls(timeout_s=5, connect_timeout_s=2,
+                        ssl_context=cluster_client_context(tmp_path / "other.crt", pki["gw_crt"], pki["gw_key"]))
     try:
         with pytest.raises(SendError):
             await sender.send("POST", edge, content=b"{}")
