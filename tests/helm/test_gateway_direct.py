@@ -309,10 +309,10 @@ def test_default_pools_are_the_ones_they_are_named_for(render: Render) -> None:
         ({"serve": {"edge": {"numGpus": 0.5}}},
          r"workerGroups.gpu: its 2 Edge replica\(s\) per pod \(gpus 1 / Edge num_gpus 0.5\) reserve 24 CPUs"),
         ({"serve": {"edge": {"numCpus": 16}}}, r"reserve 16 CPUs \(Edge num_cpus 16"),
-        ({"serve": {"gateway": {"numReplicas": 5}}},
-         r"gateway.direct pins all 5 gateway replica\(s\) to the head pod, 5 CPUs .* the head gives Ray 4 CPUs"),
-        ({"head": {"resources": {"requests": {"cpu": "1500m"}}}},
-         r"gateway.direct pins all 2 gateway replica\(s\) .* head.resources.requests.cpu is only 1.5"),
+        ({"serve": {"gateway": {"numReplicas": 7}}},
+         r"gateway.direct pins all 7 gateway replica\(s\) to the head pod, 7 CPUs .* the head gives Ray 6 CPUs"),
+        ({"head": {"resources": {"requests": {"cpu": "3500m"}}}},
+         r"gateway.direct pins all 4 gateway replica\(s\) .* head.resources.requests.cpu is only 3.5"),
     ],
 )
 def test_pods_that_cannot_hold_their_replicas_are_refused(
