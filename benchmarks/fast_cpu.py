@@ -14,7 +14,12 @@ at each concurrency, and reports per request, for the worker process and the eng
 
 Both also give the engine's mean batch (its ``gazsi_batch_size`` histogram). Every answer must be 200.
 
+    git archive bcad347 | tar -x -C /tmp/before
     flock /tmp/gazsi-bench.lock python benchmarks/fast_cpu.py --before-tree /tmp/before --out /tmp/fast-cpu
+
+``--main-tree`` adds a third tree of today's layout (the commit before a change), ``--edge KEY=VALUE`` sets
+``edge.*`` keys on today's trees (``ring_flush_slots=1``: a write per slot, what the H200 runs). Runs above
+concurrency 1 batch: their counts depend on timing (valgrind slows every process), concurrency 1 does not.
 
 Roles are found from sockets: the worker is the process listening on the data port, the engine the one
 listening on the admin port (the tree before the refactor also has a supervisor process: "other").
@@ -37,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.h100_bench import CORES, System, cpu_by_process, our_config, payloads  # noqa: E402
+from benchmarks.h100_bench import CORES, System, cpu_by_process, our_config, payloads, yaml_scalar  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -119,8 +124,9 @@ def dumped_instructions(pattern: str, seen: set[str]) -> int:
 # -- one tree -------------------------------------------------------------------------------------
 def bench_tree(name: str, tree: Path, flavor: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
+    extra = args.edge if flavor == "now" else {}  # the tree before the refactor lacks today's keys
     cfg = our_config(out / f"cfg_{name}.yaml", None, port, 1, backend="fake", flavor=flavor,
-                     data_dir=str(out / f"data_{name}"))
+                     data_dir=str(out / f"data_{name}"), **extra)
     py = sys.executable
     main_mod = "gazsi_cli.main" if flavor == "now" else "gazsi_cluster.cli.main"
     cmd = [py, "-c", f"import sys; from {main_mod} import main; sys.exit(main(sys.argv[1:]))",
@@ -132,7 +138,7 @@ def bench_tree(name: str, tree: Path, flavor: str, port: int, args: argparse.Nam
     system = System(name, cmd, f"http://{HOST}:{port}", f"http://{HOST}:{admin}/readyz",
                     f"http://{HOST}:{admin}/metrics", [], cwd=tree, ready_s=900.0,
                     env={"PYTHONPATH": str(tree)})
-    res: dict[str, Any] = {"tree": str(tree), "commit": _commit(tree), "runs": {}}
+    res: dict[str, Any] = {"tree": str(tree), "commit": _commit(tree), "edge": extra, "runs": {}}
     system.start(out)
     try:
         assert system.proc is not None
@@ -209,7 +215,10 @@ def _fmt(run: dict[str, Any], tool: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--before-tree", type=Path, help="a tree of the commit to compare with (bcad347)")
+    ap.add_argument("--before-tree", type=Path, help="a tree of the commit before the refactor (bcad347)")
+    ap.add_argument("--main-tree", type=Path, help="another tree of today's layout (e.g. main, to show a change)")
+    ap.add_argument("--edge", action="append", default=[], metavar="KEY=VALUE",
+                    help="edge.* settings for the trees of today's layout (e.g. ring_flush_slots=1, the H200's)")
     ap.add_argument("--tool", choices=("callgrind", "cpu"), default="callgrind")
     ap.add_argument("--kinds", default="inference,single")
     ap.add_argument("--conns", default="1,32", help="concurrencies; each a run of its own")
@@ -217,16 +226,19 @@ def main() -> int:
     ap.add_argument("--loaded-factor", type=int, default=4, help="runs above concurrency 1 send this many times more")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--server-cores", default="0-1")
-    ap.add_argument("--trees", default="now,before")
+    ap.add_argument("--trees", default="now,main,before", help="which of them run, in this order")
     args = ap.parse_args()
     args.kinds = args.kinds.split(",")
     args.conns = [int(c) for c in args.conns.split(",")]
+    args.edge = {k: yaml_scalar(v) for k, _, v in (kv.partition("=") for kv in args.edge)}
     CORES["server"] = args.server_cores
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "tool": args.tool, "load": os.getloadavg(), "trees": {}}
     trees = {"now": (ROOT, "now", 18700)}
+    if args.main_tree:
+        trees["main"] = (args.main_tree.resolve(), "now", 18720)
     if args.before_tree:
         trees["before"] = (args.before_tree.resolve(), "before", 18710)
     for name in args.trees.split(","):
@@ -236,14 +248,15 @@ def main() -> int:
         print(f"== {name} ({tree})", flush=True)
         results["trees"][name] = bench_tree(name, tree, flavor, port, args)
         (args.out / f"fast_cpu_{args.tool}.json").write_text(json.dumps(results, indent=1))
-    if {"now", "before"} <= results["trees"].keys():
-        print("now / before, per request:")
-        for key, now in results["trees"]["now"]["runs"].items():
-            before = results["trees"]["before"]["runs"].get(key)
-            if before:
-                ratios = " ".join(f"{r} {now['per_request'][r] / before['per_request'][r]:.3f}"
-                                  for r in ("worker", "engine", "all") if before["per_request"].get(r))
-                print(f"  {key:16s} {ratios}")
+    for base in ("main", "before"):
+        if {"now", base} <= results["trees"].keys():
+            print(f"now / {base}, per request:")
+            for key, now in results["trees"]["now"]["runs"].items():
+                other = results["trees"][base]["runs"].get(key)
+                if other:
+                    ratios = " ".join(f"{r} {now['per_request'][r] / other['per_request'][r]:.3f}"
+                                      for r in ("worker", "engine", "all") if other["per_request"].get(r))
+                    print(f"  {key:16s} {ratios}")
     return 0
 
 
