@@ -263,18 +263,18 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.header_bytes += len(url)
-        if self.header_bytes > self.limits.max_header_bytes:
-            raise _Reject(self._too_large_headers())
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Counted here, checked once the section is complete (one comparison per request, not two per
+        # header line): what a section can hold before that is bounded by data_received's raw byte count.
         self.header_count += 1
         self.header_bytes += len(name) + len(value) + 4
-        if self.header_count > self.limits.max_headers or self.header_bytes > self.limits.max_header_bytes:
-            raise _Reject(self._too_large_headers())
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
+        if self.header_count > self.limits.max_headers or self.header_bytes > self.limits.max_header_bytes:
+            raise _Reject(self._too_large_headers())
         self.body_limit = limit = self.listener.max_body()
         headers = self.headers
         declared = headers.get("content-length")
