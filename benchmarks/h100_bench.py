@@ -416,10 +416,12 @@ def profile(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) -> di
 
 
 # -- main -------------------------------------------------------------------------------------
-def our_config(path: Path, model_dir: Path, port: int, workers: int, dataplane: str = "fast",
-               backend: str = "torch-cuda", flavor: str = "now", **edge_extra: Any) -> Path:
+def our_config(path: Path, model_dir: Path | None, port: int, workers: int, dataplane: str = "fast",
+               backend: str = "torch-cuda", flavor: str = "now", data_dir: str = "/tmp/gz-data",
+               **edge_extra: Any) -> Path:
     """The node's settings. ``flavor="before"``: the keys of the tree before issue 13's refactor (its
-    fast front was ``dataplane: socket`` with ``workers`` > 0, its FastAPI port ``api_port``)."""
+    fast front was ``dataplane: socket`` with ``workers`` > 0, its FastAPI port ``api_port``).
+    ``model_dir=None``: the bundled model's files (the fake engine needs only its tokenizer)."""
     import yaml
 
     edge: dict[str, Any] = {"host": "127.0.0.1", "port": port, "workers": workers, "dataplane": dataplane,
@@ -429,8 +431,9 @@ def our_config(path: Path, model_dir: Path, port: int, workers: int, dataplane: 
         edge["dataplane"] = {"fast": "socket", "asgi": "socket"}.get(dataplane, dataplane)
     cfg = {
         "log_level": "warning",
-        "data_dir": "/tmp/gz-data",
-        "engine": {"backend": backend, "model_dir": str(model_dir), "max_batch_size": 512, "max_seq_len": 256},
+        "data_dir": data_dir,
+        "engine": {"backend": backend, **({"model_dir": str(model_dir)} if model_dir is not None else {}),
+                   "max_batch_size": 512, "max_seq_len": 256},
         "batcher": {"max_batch_size": 512, "max_wait_us": 50, "pipeline_depth": 2, "queue_capacity": 16384,
                     "max_batch_tokens": 65536, "max_queued_tokens": 16_000_000},
         "auth": {"enabled": False},

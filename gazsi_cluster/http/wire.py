@@ -84,6 +84,10 @@ def split_target(target: str) -> tuple[str, str]:
 
 def render_head(reply: HttpReply, *, keep_alive: bool) -> bytes:
     """Status line and headers, in one fixed order: content-type, length (or chunked), extras, connection."""
+    if reply.stream is None and not reply.headers and keep_alive and reply.content_type == JSON:
+        # Most replies of a busy node (issue 13: the list below cost a fast-front worker ~1 %); same bytes.
+        return b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (
+            reply.status, _REASONS.get(reply.status, b"Unknown"), len(reply.body))
     lines = [b"HTTP/1.1 %d %s" % (reply.status, _REASONS.get(reply.status, b"Unknown")),
              b"content-type: " + reply.content_type.encode("latin-1")]
     if reply.stream is None:

@@ -269,6 +269,34 @@ async def test_slots_filled_in_one_loop_turn_go_to_the_node_in_one_write(
     assert len(emb._free) == LAYOUT.slots_per_worker
 
 
+async def test_a_write_per_slot_schedules_no_end_of_turn_flush(ring: SlotRing, monkeypatch) -> None:
+    """flush_slots 1 writes each slot at once: nothing is left for an end-of-turn callback to do, so none is
+    scheduled (issue 13: a call_soon per request that found an empty outbox); flush_slots 0 schedules one per turn."""
+    ring.set_state(ENGINE_UP, generation=1)
+    for flush_slots, scheduled in ((1, 0), (0, 1)):
+        emb, req_fd = _embedder(ring, flush_slots=flush_slots)
+        loop = asyncio.get_running_loop()
+        calls: list[object] = []
+        real = loop.call_soon
+
+        def counting(cb, *args, _real=real, _emb=emb, _calls=calls, **kw):  # type: ignore[no-untyped-def]
+            if getattr(cb, "__self__", None) is _emb:
+                _calls.append(cb)
+            return _real(cb, *args, **kw)
+
+        monkeypatch.setattr(loop, "call_soon", counting)
+        n = LAYOUT.slots_per_worker  # all in one loop turn (one more would wait for a slot, in a later turn)
+        tasks = [asyncio.create_task(emb.embed(_seqs(2), Timing())) for _ in range(n)]
+        slots: list[int] = []
+        while len(slots) < n:
+            slots += await _engine_once(emb, ring, req_fd)
+        for t in tasks:
+            await t
+        monkeypatch.setattr(loop, "call_soon", real)
+        assert len(calls) == scheduled
+        assert len(emb._free) == LAYOUT.slots_per_worker
+
+
 async def test_a_failed_write_is_503_and_frees_the_slot(ring: SlotRing) -> None:
     ring.set_state(ENGINE_UP, generation=1)
     r, w = os.pipe()

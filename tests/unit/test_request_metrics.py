@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_node.embedders import Timing
@@ -81,3 +83,43 @@ def test_every_pipeline_route_has_cells() -> None:
     pipeline = EdgePipeline(model=ModelFacts("m", 8, 0), rules=None, embedder=None,  # type: ignore[arg-type]
                             authorizer=None, metrics=RequestMetrics(), readiness=dict)  # type: ignore[arg-type]
     assert set(pipeline._routes) <= set(ROUTES)
+
+
+def _reference(timing: Timing, tokens: int, inputs: int) -> RequestMetrics:
+    """What observe_work must equal: every stage of Timing.stages() but total, into its histogram."""
+    from bisect import bisect_left
+
+    from edge_node import metrics as mod
+
+    m = RequestMetrics()
+    for name, seconds in timing.stages().items():
+        if name != "total":
+            stage = mod._STAGE_INDEX[name]
+            m._q[mod._BASE[stage] + bisect_left(mod._LATENCY_BUCKETS, seconds)] += 1
+            m._d[stage] += seconds
+    m._q[mod._TOKENS] += tokens
+    m._q[mod._INPUTS] += inputs
+    return m
+
+
+_MARK = st.one_of(st.just(0.0), st.floats(min_value=-1.0, max_value=20.0, allow_nan=False))
+
+
+@given(st.lists(_MARK, min_size=7, max_size=7), st.integers(0, 10_000), st.integers(0, 64))
+def test_observe_work_is_timing_stages_into_the_histograms(marks: list[float], tokens: int, inputs: int) -> None:
+    """The unrolled path (every mark set) and the general one give what Timing.stages() defines."""
+    timing = Timing(*marks)
+    m = RequestMetrics()
+    m.observe_work(timing, tokens, inputs)
+    ref = _reference(timing, tokens, inputs)
+    q, d = m.cells()
+    rq, rd = ref.cells()
+    assert (q == rq).all()
+    assert d.tolist() == rd.tolist()
+
+
+def test_a_status_out_of_range_counts_in_the_nearest_cell() -> None:
+    m = RequestMetrics()
+    m.observe("/healthz", 99, 0.001)
+    m.observe("/healthz", 600, -1.0)
+    assert m.count("/healthz", 100) == 1 and m.count("/healthz", 599) == 1
