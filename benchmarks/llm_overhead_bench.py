@@ -124,14 +124,16 @@ async def _soak(url: str, seconds: float, pids: dict[str, int], max_tokens: int)
                     body["model"] = "no-such-model"
                 if kind == "malformed":
                     body = {"model": MODEL, "messages": "not a list"}
+                got = b""
                 async with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                    async for _ in r.aiter_raw():
+                    async for chunk in r.aiter_raw():
                         if kind == "leave":
                             break
+                        got = (got + chunk)[-300:]  # an answer's last bytes: a stream's error event is its end
                 key = f"{kind}:{r.status_code}"
                 counts[key] = counts.get(key, 0) + 1
                 if r.status_code >= 500 and len(errors) < 5:
-                    errors.append(f"{key} {(await r.aread())[:300]!r}" if kind != "leave" else key)
+                    errors.append(f"{key} {got!r}")
 
     async def sampler() -> None:
         while time.monotonic() < stop:
