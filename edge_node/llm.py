@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from gazsi_cluster.auth import Authorizer, Principal
@@ -48,7 +48,7 @@ class LlmBackends:
         self.cfg, self.authorizer = cfg, authorizer
         self.metrics = metrics or LlmMetrics()
         self.in_flight = 0
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
 
     def names(self) -> list[str]:
         return list(self.models)
@@ -63,7 +63,7 @@ class LlmBackends:
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     def _upstream_body(self, m: ModelConfig, req: LlmRequest, raw: bytes) -> tuple[bytes, bool]:

@@ -2,10 +2,10 @@
 
 Starlette's ``StreamingResponse`` notices a client that left only when its next write fails (ASGI
 2.4 servers such as uvicorn), so a stream waiting on a silent upstream would hold that upstream for
-as long as it stays silent. Here a watcher reads ``http.disconnect`` while the body is pumped, and a
-disconnect cancels the pump at once; the stream's own ``finally`` closes what it holds (the upstream
-request). Each write waits for the server's flow control, so a slow reader slows the pump instead of
-growing a buffer.
+as long as it stays silent. Here a :class:`~gazsi_cluster.http.cancellation.DisconnectWatch` reads
+``http.disconnect`` while the body is pumped in the response's own task, and a disconnect cancels
+that task at once; the stream's own ``finally`` closes what it holds (the upstream request). Each
+write waits for the server's flow control, so a slow reader slows the pump instead of growing a buffer.
 
 >>> return StreamReply(reply)  # from a FastAPI route  # doctest: +SKIP
 """
@@ -19,6 +19,7 @@ from typing import Any
 from starlette.responses import Response
 
 from gazsi_cluster.http.asgi import reply_response
+from gazsi_cluster.http.cancellation import DisconnectWatch
 from gazsi_cluster.http.wire import HttpReply
 
 __all__ = ["StreamReply", "reply_or_stream"]
@@ -38,37 +39,24 @@ class StreamReply(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         stream = self.reply.stream
         assert stream is not None
-
-        async def pump() -> None:
-            try:
-                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-                async for chunk in stream:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-
-        pumping, watching = asyncio.ensure_future(pump()), asyncio.ensure_future(watch())
+        watch = DisconnectWatch(receive)
         try:
-            await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watch.ours():
+                raise
+            # The client left: the stream was cut where it waited; nothing more to tell.
+        except OSError:
+            pass  # a write to a client that left
         finally:
-            for task in (watching, pumping):
-                if not task.done():
-                    task.cancel()
-            results = await asyncio.gather(watching, pumping, return_exceptions=True)
-        failed = results[1]
-        # A write to a client that left (OSError) or a pump cut by the disconnect: nothing more to tell.
-        if isinstance(failed, Exception) and not isinstance(failed, OSError):
-            raise failed
+            watch.stop()
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
 
 def reply_or_stream(reply: HttpReply) -> Response:

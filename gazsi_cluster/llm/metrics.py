@@ -9,6 +9,7 @@ completion token (llama.cpp and vLLM stream one token per chunk).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -43,12 +44,13 @@ class LlmMetrics:
 class StreamClock:
     """The timing of one streamed answer: first content chunk, gaps between chunks, generation rate."""
 
-    __slots__ = ("_last", "first_at", "metrics", "model", "received")
+    __slots__ = ("_itl", "_last", "first_at", "metrics", "model", "received")
 
     def __init__(self, metrics: LlmMetrics, model: str, received: float) -> None:
         self.metrics, self.model, self.received = metrics, model, received
         self.first_at: float | None = None
         self._last = 0.0
+        self._itl: Any = None  # the model's child histogram, looked up once: labels() locks and hashes per call
 
     def content(self, chunks: int = 1) -> None:
         """``chunks`` content events just passed."""
@@ -56,8 +58,9 @@ class StreamClock:
         if self.first_at is None:
             self.first_at = now
             self.metrics.ttft.labels(self.model).observe(now - self.received)
+            self._itl = self.metrics.itl.labels(self.model)
         else:
-            self.metrics.itl.labels(self.model).observe(now - self._last)
+            self._itl.observe(now - self._last)
         self._last = now
 
     def finish(self, completion_tokens: int, prompt_tokens: int) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from gazsi_cluster.config import LlmConfig
@@ -56,19 +56,19 @@ class LlmRouter:
         self.keep = frozenset(h.lower() for h in keep_headers)
         self.metrics = metrics or LlmMetrics("gazsi_gateway_llm")
         self._verify = verify
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         # Prefix stickiness (KV-cache reuse, as Dynamo and llm-d route): a hash ring of its own, so the
         # embedding routes keep their policy.
         self._sticky = make_policy("hash") if cfg.prefix_affinity_chars > 0 else None
 
-    def _http(self) -> httpx.AsyncClient:
+    def _http(self) -> aiohttp.ClientSession:
         if self._client is None:  # made lazily: it belongs to the loop that serves
             self._client = upstream_client(self.cfg, verify=self._verify)
         return self._client
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     async def handle(self, path: str, body: bytes, headers: Mapping[str, str], received: float | None = None
