@@ -61,6 +61,9 @@ class GatewayDeployment:
             await self.tunnels.start(bind_socket(gw.tunnel_host, gw.tunnel_port or 0, reuse_port=True))
             log.info("gateway tunnel listener on %s:%d", gw.tunnel_host, self.tunnels.port)
         self.gateway = Gateway(self.settings, authorizer=self.authorizer, table=self.follower, tunnels=self.tunnels)
+        # Every pulled table, not only those seen by a request, becomes the routing client's last non-empty one.
+        routing = self.gateway.routing
+        self.follower.watch(lambda _table: routing.routable_table())
         self.asgi = create_gateway_app(self.gateway)
         self.listener: HttpListener | None = None
         if self.settings.gateway.port:

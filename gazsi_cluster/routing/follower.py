@@ -44,22 +44,35 @@ class TableFollower:
         self.refresh_s = refresh_s
         self.table = initial or RoutingTable.empty()
         self._task: asyncio.Task[None] | None = None
+        self._watchers: list[Callable[[RoutingTable], object]] = []
         self.errors = 0
 
     def __call__(self) -> RoutingTable:
         return self.table
 
+    def watch(self, callback: Callable[[RoutingTable], object]) -> None:
+        """Call ``callback`` with every new table. A routing client uses it to remember the last non-empty
+        table from the first pull on, not only from its first request: on the H100 (2026-12-06) gateway
+        replicas that had routed nothing yet answered 503 while a saturated edge was briefly out of the
+        table, and the replicas that had routed kept serving."""
+        self._watchers.append(callback)
+        callback(self.table)
+
+    def _set(self, table: RoutingTable) -> None:
+        self.table = table
+        for callback in self._watchers:
+            callback(table)
+
     def push(self, table: RoutingTable) -> None:
         """Accept a pushed table (ignored when older than the one held)."""
         if table.version >= self.table.version or table.membership_version == 0:
-            self.table = table
+            self._set(table)
 
     async def refresh(self) -> None:
         data = await self._fetch(self.table.version)
         if data is not None:
-            table = RoutingTable.from_dict(data)
             # A restarted control plane counts versions from 1 again: accept a lower version then.
-            self.table = table
+            self._set(RoutingTable.from_dict(data))
 
     async def _run(self) -> None:
         while True:

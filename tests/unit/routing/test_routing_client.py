@@ -118,3 +118,30 @@ async def test_empty_table_from_the_start_is_no_healthy_node() -> None:
                       http=httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200))))
     with pytest.raises(NoHealthyNode):
         await c.request("GET", "/x")
+
+
+async def test_a_client_watching_its_follower_keeps_a_table_it_never_routed_on() -> None:
+    """A gateway replica that has routed nothing yet still falls back to the last non-empty table it was
+    pulled (on the H100 such replicas answered 503 while the others kept serving)."""
+    from gazsi_cluster.routing import TableFollower
+
+    pulls = [TABLE.to_dict(), RoutingTable(2, 2, ()).to_dict()]
+
+    async def fetch(since: int) -> dict[str, object] | None:
+        return pulls.pop(0) if pulls else None
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"ok": req.url.host})
+
+    follower = TableFollower(fetch)  # type: ignore[arg-type]
+    c = RoutingClient(follower, make_policy("p2c", seed=0), http=httpx.AsyncClient(
+        transport=httpx.MockTransport(handler)), metrics=RoutingMetrics())
+    follower.watch(lambda _table: c.routable_table())
+    await follower.refresh()  # three nodes, no request routed
+    await follower.refresh()  # every node left the table
+    assert len(follower()) == 0
+    assert (await c.request("GET", "/x")).status_code == 200
+    unwatched = RoutingClient(follower, make_policy("p2c", seed=0), http=httpx.AsyncClient(
+        transport=httpx.MockTransport(handler)))
+    with pytest.raises(NoHealthyNode):  # the control: without watching, nothing to fall back to
+        await unwatched.request("GET", "/x")
