@@ -28,6 +28,7 @@ async def test_one_edge_killed_under_load_costs_no_request(tmp_path: Path, polic
     client = RoutingClient(lambda: cp.table, make_policy(policy, seed=1), metrics=RoutingMetrics(),
                            timeout_s=2.0, connect_timeout_s=0.5)
     ok = failed = 0
+    reasons: list[str] = []  # what each failure was, for the assertion's message
     stop = asyncio.Event()
 
     async def worker(i: int) -> None:
@@ -42,8 +43,10 @@ async def test_one_edge_killed_under_load_costs_no_request(tmp_path: Path, polic
                     ok += 1
                 else:
                     failed += 1
-            except Exception:
+                    reasons.append(f"{resp.status_code} {resp.content[:200]!r}")
+            except Exception as exc:
                 failed += 1
+                reasons.append(repr(exc))
 
     workers = [asyncio.create_task(worker(i)) for i in range(16)]
     try:
@@ -64,7 +67,7 @@ async def test_one_edge_killed_under_load_costs_no_request(tmp_path: Path, polic
             await e.kill()
         await client.aclose()
         await cp.stop()
-    assert failed == 0
+    assert failed == 0, reasons
     assert ok > 100
     assert out_after < 3 * 0.2 + 0.5  # dead after 3 missed 0.2 s beats, plus sweep slack
     assert edges[0].served > 0 and edges[2].served > 0

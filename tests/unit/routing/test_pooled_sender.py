@@ -184,6 +184,27 @@ async def test_an_idle_connection_the_server_closed_is_replaced() -> None:
     assert [len(c) for c in seen.conns] == [2, 2, 2, 1]
 
 
+async def test_when_every_idle_connection_is_stale_the_one_more_try_uses_a_new_connection() -> None:
+    """A node that closed all its keep-alive connections (a restart, a shutdown) leaves several stale idle
+    ones: the request goes out once more on a new connection, not on the next stale one (which ended the
+    send with neither an answer nor a SendError, and the failover test lost requests under load)."""
+    async def answer(conn: int, n: int, head: bytes, body: bytes) -> bytes | None:
+        return None if conn < 3 and n >= 1 else ok(b"%d" % conn)
+
+    s = sender()
+    async with server(answer) as (url, seen):
+        try:
+            # Three connections at once, each answering its first request: three idle connections.
+            first = await asyncio.gather(*(s.send("POST", url + "/", content=b"q") for _ in range(3)))
+            assert sorted(r.content for r in first) == [b"0", b"1", b"2"]
+            # Each of them now hangs up on its next request: one stale try, then a new connection answers.
+            again = await s.send("POST", url + "/", content=b"q")
+        finally:
+            await s.aclose()
+    assert again.content == b"3"
+    assert len(seen.conns) == 4
+
+
 async def test_a_fresh_connection_that_fails_is_not_sent_again() -> None:
     async def hang_up(conn: int, n: int, head: bytes, body: bytes) -> bytes | None:
         return None
