@@ -195,10 +195,21 @@ class _Pool:
         try:
             timeout = min(self.sender.connect_timeout_s, deadline - loop.time())
             try:
+                # connect_timeout_s bounds the TCP connect only, as aiohttp's sock_connect did: a TLS handshake
+                # with a busy node may take longer and gets the request's own deadline (with the handshake
+                # inside the connect timeout, mTLS peer forwarding failed under load on 2 cores).
                 async with asyncio.timeout(max(0.0, timeout)):
-                    _, conn = await loop.create_connection(
-                        lambda: _Conn(self), self.host, self.port, ssl=self.ssl,
-                        server_hostname=self.host if self.ssl is not None else None)
+                    transport, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
+                if self.ssl is not None:
+                    try:
+                        async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                            tls = await loop.start_tls(transport, conn, self.ssl, server_hostname=self.host)
+                    except BaseException:
+                        transport.abort()
+                        raise
+                    if tls is None:  # the loop gave up on the connection during the handshake
+                        raise ConnectionResetError("TLS handshake: the connection was closed")
+                    conn.transport = tls
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 raise SendError(f"ConnectError: {type(exc).__name__}: {exc}") from exc
             self.busy.add(conn)
