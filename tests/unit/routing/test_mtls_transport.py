@@ -111,3 +111,52 @@ async def test_the_gateway_refuses_an_edge_the_cluster_ca_did_not_sign(pki: dict
 def test_missing_files_are_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         cluster_client_context(tmp_path / "ca.crt", tmp_path / "c.crt", tmp_path / "c.key")
+
+
+async def test_a_slow_tls_handshake_is_bounded_by_the_request_not_the_connect_timeout(pki: dict[str, Path]) -> None:
+    """connect_timeout_s is for the TCP connect (a dead node fails over fast); a busy node's TLS handshake may
+    take longer and has the request's whole deadline (the full suite's mTLS peer forwarding failed otherwise).
+    The pooled sender only: aiohttp's sock_connect bounds its handshake too (this test fails with it)."""
+    sender_cls = PooledSender
+    ctx = server_context(pki["server_crt"], pki["server_key"], client_ca=pki["ca"], require_client_cert=True)
+    loop = asyncio.get_running_loop()
+    upgrades: list[asyncio.Task[None]] = []
+
+    class LateTls(asyncio.Protocol):
+        """Accepts at once, reads nothing for 0.4 s (the ClientHello waits in the socket), then does TLS."""
+
+        def __init__(self) -> None:
+            self.tls: asyncio.BaseTransport | None = None
+            self.buf = b""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transport.pause_reading()  # type: ignore[attr-defined]
+            upgrades.append(asyncio.create_task(self.upgrade(transport)))
+
+        async def upgrade(self, transport: asyncio.BaseTransport) -> None:
+            await asyncio.sleep(0.4)
+            self.tls = await loop.start_tls(transport, self, ctx, server_side=True)  # type: ignore[arg-type]
+            self.answer()  # the request may have come before this coroutine resumed
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            self.answer()
+
+        def answer(self) -> None:
+            if b"\r\n\r\n" in self.buf and self.tls is not None:
+                self.tls.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")  # type: ignore[attr-defined]
+                self.tls.close()
+
+    server = await loop.create_server(LateTls, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = sender_cls(timeout_s=5, connect_timeout_s=0.1,
+                        ssl_context=cluster_client_context(pki["ca"], pki["gw_crt"], pki["gw_key"]))
+    try:
+        r = await sender.send("POST", f"https://127.0.0.1:{port}/v1/embeddings", content=b"{}")
+        assert r.status_code == 200 and r.content == b"ok"
+    finally:
+        await sender.aclose()
+        server.close()
+        await server.wait_closed()
+        for task in upgrades:
+            task.cancel()
