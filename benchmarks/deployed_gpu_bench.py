@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -58,6 +59,64 @@ def gateway_views(n: int = 8) -> list[Any]:
         except Exception as exc:
             views.append({"error": repr(exc)})
     return views
+
+
+class TableWatch:
+    """What the gateway replicas' ``/readyz`` say every 0.25 s while the edge is loaded: does a saturated edge
+    drop out of the routing table (its heartbeats late), and for how long."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TableWatch:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                view = get_json("http://127.0.0.1:8080/readyz")
+            except urllib.error.HTTPError as exc:  # 503 when not ready: its body still says why
+                view = json.loads(exc.read() or b"{}")
+            except Exception as exc:
+                view = {"error": repr(exc)}
+            keep = {k: view.get(k) for k in ("edges", "routable_edges", "table_version", "ready", "error") if k in view}
+            self.samples.append((round(time.monotonic() - self._t0, 2), keep))
+
+    def summary(self) -> dict[str, Any]:
+        # ``edges``: the control plane's current table; ``routable_edges`` also counts the last non-empty one.
+        out = [s for s in self.samples if not s[1].get("edges")]
+        return {"samples": len(self.samples), "no_edge_in_table": len(out), "first_out": out[:5],
+                "versions": sorted({str(s[1].get("table_version")) for s in self.samples})}
+
+
+def cpu_by_command() -> dict[int, tuple[str, float]]:
+    """Every process's CPU seconds so far, with a short name: who else used the cores during a run."""
+    import psutil
+
+    seen: dict[int, tuple[str, float]] = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        try:
+            t = p.info["cpu_times"]
+            cmd = " ".join(p.info["cmdline"] or [p.info["name"] or "?"])
+            seen[p.info["pid"]] = (cmd[:90], t.user + t.system)
+        except Exception:
+            continue
+    return seen
+
+
+def cpu_top(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], secs: float,
+            n: int = 14) -> list[tuple[str, float]]:
+    """Cores used per process over ``secs`` (top ``n``), from two :func:`cpu_by_command` snapshots."""
+    used = [(cmd, (t - before.get(pid, (cmd, 0.0))[1]) / secs) for pid, (cmd, t) in after.items()]
+    return [(cmd, round(c, 3)) for cmd, c in sorted(used, key=lambda x: -x[1])[:n] if c > 0.005]
 
 
 def gazsi(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -142,6 +201,10 @@ def main() -> int:
     ap.add_argument("--wrk-cores", default=CORES["wrk"], help="taskset list for wrk")
     ap.add_argument("--conns", type=int, default=256, help="connections of the single-input runs")
     ap.add_argument("--standalone", action="store_true", help="first the same edge standalone (gazsi edge serve)")
+    ap.add_argument("--peers", default="",
+                    help="after `gazsi down`, h100_bench.py systems under the same load (saturation only), e.g. "
+                    "ceiling,ray-serve,infinity: the model-only ceiling and the peers in the same run")
+    ap.add_argument("--infinity-site", type=Path, default=Path("/tmp/inf"), help="for the infinity peer")
     args = ap.parse_args()
     CORES.update(server=args.server_cores, wrk=args.wrk_cores)
     out: Path = args.out
@@ -185,7 +248,12 @@ def main() -> int:
                 results.setdefault("gateway_readyz_before", gateway_views())
                 log(f"gateway /readyz before its run: {results['gateway_readyz_before']}")
             # Status codes counted on the gateway paths (their rates leave wrk room to parse replies).
-            r = _ok(wrk.run(url, "single", args.conns, args.duration, statuses=not name.startswith("edge")))
+            cpu0, t0 = cpu_by_command(), time.monotonic()
+            with TableWatch() as watch:
+                r = _ok(wrk.run(url, "single", args.conns, args.duration, statuses=not name.startswith("edge")))
+            r["cpu_cores_top"] = cpu_top(cpu0, cpu_by_command(), time.monotonic() - t0)
+            r["table_watch"] = watch.summary()
+            log(f"{name:22s} gateway table while loaded: {r['table_watch']}")
             results["paths"].setdefault(name, {})["single"] = r
             log(f"{name:22s} single c={args.conns}: {r['rps']:,.0f} req/s ({r['ok_rps']:,.0f} 2xx/s) "
                 f"p50 {r['p50'] / 1000:.2f} ms errors {r['errors']} statuses {r.get('statuses')}")
@@ -196,7 +264,12 @@ def main() -> int:
                 log(f"{name:22s} status codes in a 3 s rerun: {mix.get('statuses')} "
                     f"in {mix.get('duration_us', 0) / 1e6:.2f} s")
             save()
-        r = _ok(wrk.run(edge, "batch32", 64, args.duration))
+        cpu0, t0 = cpu_by_command(), time.monotonic()
+        with TableWatch() as watch:
+            r = _ok(wrk.run(edge, "batch32", 64, args.duration))
+        r["cpu_cores_top"] = cpu_top(cpu0, cpu_by_command(), time.monotonic() - t0)
+        r["table_watch"] = watch.summary()
+        log(f"edge batch32: cores by process {r['cpu_cores_top'][:8]}")
         results["paths"]["edge (/v1/route)"]["batch32_c64"] = r
         log(f"edge batch32 c=64: {r['ok_rps'] * 32:,.0f} seq/s in 2xx answers, p50 {r['p50'] / 1000:.2f} ms "
             f"errors {r['errors']}")
@@ -220,6 +293,39 @@ def main() -> int:
         (out / "gazsi_down.log").write_text(down.stdout + "\n--- stderr\n" + down.stderr)
         log(f"gazsi down rc={down.returncode} in {results['down_s']} s")
         save()
+        if args.peers:
+            run_peers(args, out, results)
+            save()
+
+
+def run_peers(args: argparse.Namespace, out: Path, results: dict[str, Any]) -> None:
+    """The ceiling and the peers (vanilla Ray Serve, Infinity) by h100_bench.py, and the ratios issue 14 asks."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/h100_bench.py"), "--out", str(out / "peers"), "--wrk", str(args.wrk),
+           "--model-src", str(args.model_src), "--systems", args.peers, "--saturation-only", "--conns",
+           str(args.conns), "--duration", str(args.duration), "--infinity-site", str(args.infinity_site),
+           "--server-cores", CORES["server"], "--wrk-cores", CORES["wrk"], "--backend", args.backend]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=1200)
+    (out / "peers.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
+    try:
+        peers = json.loads((out / "peers" / "h100_bench.json").read_text())
+    except (OSError, ValueError) as exc:
+        results["peers"] = {"error": repr(exc), "rc": proc.returncode}
+        return
+    results["peers"] = {"ceiling": peers.get("ceiling"), "systems": peers.get("systems")}
+    edge = results["paths"].get("edge (/v1/route)", {})
+    ratios: dict[str, float] = {}
+    batch512 = [r["seq_per_s"] for r in peers.get("ceiling") or [] if r.get("seq") == 16 and r.get("batch") == 512]
+    if batch512 and "batch32_c64" in edge:
+        ratios["edge_batch32_vs_ceiling512"] = edge["batch32_c64"]["ok_rps"] * 32 / batch512[0]
+    for name, system in (peers.get("systems") or {}).items():
+        single = (system.get("saturation") or {}).get("single") or {}
+        if single.get("ok_rps") and "single" in edge:
+            ratios[f"edge_single_vs_{name}"] = edge["single"]["ok_rps"] / single["ok_rps"]
+        batch = (system.get("saturation") or {}).get("batch32") or {}
+        if batch.get("ok_rps") and "batch32_c64" in edge:
+            ratios[f"edge_batch32_vs_{name}"] = edge["batch32_c64"]["ok_rps"] / batch["ok_rps"]
+    results["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+    log(f"ratios: {results['ratios']}")
 
 
 if __name__ == "__main__":

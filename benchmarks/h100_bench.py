@@ -454,6 +454,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=10)
     ap.add_argument("--systems", default="ceiling,edge-fast,edge-fast-before,edge-asgi,edge-gpu,ray-serve")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--saturation-only", action="store_true",
+                    help="no paced runs or 2x overload (peers beside deployed_gpu_bench.py, to save device time)")
     ap.add_argument("--server-cores", default=CORES["server"], help="taskset list for the servers")
     ap.add_argument("--wrk-cores", default=CORES["wrk"], help="taskset list for wrk")
     ap.add_argument("--backend", default="torch-cuda", help="fake/onnx-cpu: dry runs of this script off the GPU")
@@ -563,6 +565,7 @@ def main() -> int:
                               "http://127.0.0.1:8400", "http://127.0.0.1:8400/healthz", "http://127.0.0.1:8400/stats",
                               ["single", "batch32", "long"], ready_s=240.0))
     for system in systems:
+        system.paced = system.paced and not args.saturation_only
         log(f"== {system.name}")
         try:
             results["systems"][system.name] = bench_system(system, wrk, args, out)

@@ -37,6 +37,7 @@ from edge_node.hardware import choose_dataplane
 from edge_node.inputs import InputRules
 from edge_node.llm import LlmBackends
 from edge_node.metrics import EngineMetrics, RequestMetrics, render_request_metrics, request_families
+from edge_node.mps import MpsDaemon, start_mps
 from edge_node.pipeline import EdgePipeline, ModelFacts
 from edge_node.runtime import ModelRuntime
 from edge_node.tokenization import TextTokenizer
@@ -80,6 +81,7 @@ class EdgeNode:
         worker_module: str = _WORKER_MODULE, gpu_device: Callable[[int], HttpDevice] | None = None,
     ) -> None:
         self.settings = settings
+        self._mps: MpsDaemon | None = None
         # Tests hand in the CPU reference of the GPU kernels, and a worker entry point that does the same.
         self._worker_module, self._gpu_device = worker_module, gpu_device
         self.spec = load_model_spec(settings.engine.model, settings.engine.model_dir)
@@ -89,7 +91,12 @@ class EdgeNode:
             self.dataplane = "gpu" if worker.plane == "gpu" else "fast"
             self.dataplane_reason = f"worker {worker.worker} of a {self.dataplane} front"
         else:
+            # Before anything here initialises CUDA (the GPU probe does): a process joins MPS at cuInit.
+            self._mps = self._start_mps(settings)
             self.dataplane, self.dataplane_reason = choose_dataplane(settings.edge.dataplane)
+            if self._mps is not None and self.dataplane not in ("gpu", "gpunetio"):
+                self._mps.stop()  # no GPU after all: the fast front's one engine process needs no MPS
+                self._mps = None
             if settings.edge.models and self.dataplane != "asgi":
                 # Chat streams run on the FastAPI/ASGI transport only (issue 16); the fast front and the GPU
                 # plane keep the embedding path free of it. Said at start-up, never a silent 404 later.
@@ -102,9 +109,6 @@ class EdgeNode:
         self.request_metrics = RequestMetrics()
         self.engine_metrics = EngineMetrics()
         self.limits_table: Any = None  # the node's shared per-key limits (fast front: every process counts once)
-        self.authorizer: Authorizer = authorizer or self._authorizer()
-        # The node's LLM models (none in a fast front's worker: that data plane does not relay them).
-        self.llm = LlmBackends(settings.edge.models if worker is None else [], settings.llm, self.authorizer)
         self._link, self._advertise = link, advertise
         self.runtime: ModelRuntime | None = None
         self.cache: ResponseCache | None = None
@@ -121,7 +125,14 @@ class EdgeNode:
         # Why this node cannot go on (the control plane refused its join); entry points stop on it.
         self.failure: GazsiError | None = None
         self._failed = asyncio.Event()
-        self.transport: Transport = self._assemble(engine)
+        try:
+            self.authorizer: Authorizer = authorizer or self._authorizer()
+            # The node's LLM models (none in a fast front's worker: that data plane does not relay them).
+            self.llm = LlmBackends(settings.edge.models if worker is None else [], settings.llm, self.authorizer)
+            self.transport: Transport = self._assemble(engine)
+        except BaseException:
+            self._stop_mps()  # a node that cannot be built leaves no daemon behind
+            raise
 
     # -- assembly --------------------------------------------------------------------------
     @property
@@ -226,6 +237,8 @@ class EdgeNode:
             raise
 
     async def _start_parts(self, stack: contextlib.AsyncExitStack) -> None:
+        if self._mps is not None:  # quits last, once every client process has gone
+            stack.callback(self._stop_mps)
         if self.limits_table is not None:  # closed last: the owner unlinks it once every worker has gone
             stack.callback(self.limits_table.close)
         start = getattr(self.authorizer, "start", None)
@@ -345,6 +358,18 @@ class EdgeNode:
                 await stack.aclose()
         finally:
             self._closed.set()
+
+    @staticmethod
+    def _start_mps(settings: Settings) -> MpsDaemon | None:
+        edge = settings.edge
+        if edge.dataplane not in ("gpu", "gpunetio") or edge.gpu_feed != "workers" or edge.models:
+            return None  # one process on the GPU (or none): nothing to share
+        return start_mps(edge.gpu_mps)
+
+    def _stop_mps(self) -> None:
+        mps, self._mps = self._mps, None
+        if mps is not None:
+            mps.stop()
 
     def _join_refused(self, exc: GazsiError) -> None:
         self.failure = exc

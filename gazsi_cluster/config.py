@@ -375,6 +375,12 @@ class EdgeConfig(_Section):
         "there are fewer contexts than cores), spin, yield, blocking (sleep until the GPU signals). Ten feed "
         "processes spinning cost 1.08 ms of CPU per request on the H200; which wins is not measured yet.",
     )
+    gpu_mps: Literal["off", "auto", "on"] = Field(
+        "off", description="gpu data plane with feed processes: run them and the engine as clients of a "
+        "private CUDA MPS daemon (nvidia-cuda-mps-control, started and quit by the node) so the GPU runs their "
+        "kernels side by side instead of time-slicing one context per process; auto = when the daemon can be "
+        "started (else without, logged), on = a node that cannot start it does not start.",
+    )
     gpu_slot_wait_s: float = Field(
         0.5, gt=0, le=60, description="gpu data plane: how long an /inference request may wait for a free ring "
         "slot before it gets 429 with Retry-After (limits.retry_after_s).",

@@ -1,0 +1,130 @@
+"""``edge.gpu_mps``: the node's private CUDA MPS daemon, with a stand-in ``nvidia-cuda-mps-control`` on PATH.
+
+No machine here has the NVIDIA driver's utilities; the stand-in records how it was called (the daemon's
+``-d``, the ``quit`` on its stdin, the pipe directory each call was given), which is the whole contract
+between the node and the real control program.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edge_node.mps import start_mps
+from gazsi_cluster.config import load_settings
+from gazsi_cluster.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+_CONTROL = """#!/bin/sh
+if [ "$1" = "-d" ]; then
+  [ -n "$FAIL" ] && { echo "cannot reach the GPU" >&2; exit 3; }
+  echo "start $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY" >> "$LOG"
+  exit 0
+fi
+echo "$(cat) $CUDA_MPS_PIPE_DIRECTORY" >> "$LOG"
+"""
+
+
+def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    control = bin_dir / "nvidia-cuda-mps-control"
+    control.write_text(_CONTROL)
+    control.chmod(0o755)
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("LOG", str(log))
+    if fail:
+        monkeypatch.setenv("FAIL", "1")
+    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+        monkeypatch.delenv(key, raising=False)
+    return log
+
+
+def calls(log: Path) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_the_daemon_is_the_nodes_own_and_quits_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       mode: str) -> None:
+    log = stand_in(tmp_path, monkeypatch)
+    daemon = start_mps(mode)
+    assert daemon is not None
+    pipe = os.environ["CUDA_MPS_PIPE_DIRECTORY"]
+    # A fresh folder of its own (never the machine's default /tmp/nvidia-mps), set for this process and
+    # so for every feed process it starts.
+    assert pipe.startswith(str(daemon.root)) and Path(pipe).is_dir()
+    assert os.environ["CUDA_MPS_LOG_DIRECTORY"].startswith(str(daemon.root))
+    assert calls(log) == [["start", pipe, os.environ["CUDA_MPS_LOG_DIRECTORY"]]]
+    daemon.stop()
+    assert calls(log)[1] == ["quit", pipe]  # told to quit through the same pipe directory
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and "CUDA_MPS_LOG_DIRECTORY" not in os.environ
+    assert not daemon.root.exists()
+
+
+def test_off_starts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = stand_in(tmp_path, monkeypatch)
+    assert start_mps("off") is None
+    assert calls(log) == [] and "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+
+
+def test_without_the_control_program_auto_goes_on_and_on_refuses(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
+    assert start_mps("auto") is None
+    with pytest.raises(ConfigError, match=r"edge\.gpu_mps is on but nvidia-cuda-mps-control is not on PATH"):
+        start_mps("on")
+
+
+def test_a_daemon_that_fails_to_start_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stand_in(tmp_path, monkeypatch, fail=True)
+    assert start_mps("auto") is None
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+    with pytest.raises(ConfigError, match="cannot reach the GPU"):
+        start_mps("on")
+
+
+def _gpu_settings(tmp_path: Path, **edge: object):  # type: ignore[no-untyped-def]
+    return load_settings(data_dir=str(tmp_path / "data"), engine={"backend": "fake"},
+                         edge={"dataplane": "gpu", "gpu_mps": "on", "workers": 1, **edge})
+
+
+def test_a_node_without_a_gpu_falls_back_to_fast_and_quits_its_daemon(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_node import node as node_module
+
+    log = stand_in(tmp_path, monkeypatch)
+    monkeypatch.setattr(node_module, "choose_dataplane", lambda requested: ("fast", "test: no CUDA GPU"))
+    node = node_module.EdgeNode(_gpu_settings(tmp_path))
+    assert node.dataplane == "fast"
+    assert [c[0] for c in calls(log)] == ["start", "quit"]
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+
+
+def test_a_node_that_cannot_be_built_leaves_no_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_node import node as node_module
+    from gazsi_cluster.tls import create_deployment_certs
+
+    log = stand_in(tmp_path, monkeypatch)
+    monkeypatch.setattr(node_module, "choose_dataplane", lambda requested: ("gpu", "test: a GPU is present"))
+    certs = create_deployment_certs(tmp_path / "tls")
+    settings = _gpu_settings(tmp_path, tls={"certfile": str(certs.server_cert), "keyfile": str(certs.server_key)})
+    with pytest.raises(ConfigError, match="cannot serve TLS"):
+        node_module.EdgeNode(settings)
+    assert [c[0] for c in calls(log)] == ["start", "quit"]
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+
+
+def test_one_process_on_the_gpu_starts_no_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_node import node as node_module
+
+    log = stand_in(tmp_path, monkeypatch)
+    monkeypatch.setattr(node_module, "choose_dataplane", lambda requested: ("fast", "test"))
+    node_module.EdgeNode(_gpu_settings(tmp_path, gpu_feed="node"))
+    node_module.EdgeNode(load_settings(data_dir=str(tmp_path / "d2"), engine={"backend": "fake"},
+                                       edge={"dataplane": "fast", "gpu_mps": "on"}))
+    assert calls(log) == []
