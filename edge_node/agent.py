@@ -177,15 +177,19 @@ class EdgeAgent:
     >>> await agent.start(); ...; await agent.stop()                          # doctest: +SKIP
     """
 
-    def __init__(self, link: ControlPlaneLink, facts: NodeFacts, load: Callable[[], NodeLoad],
+    def __init__(self, link: ControlPlaneLink, facts: NodeFacts | Callable[[], NodeFacts], load: Callable[[], NodeLoad],
                  config: ControlPlaneConfig, *, token: str | None = None, interval_s: float | None = None,
                  on_refused: Callable[[GazsiError], None] | None = None) -> None:
-        self.link, self.facts, self.load = link, facts, load
+        # Facts are read at every join, not once: a Serve replica's user_config (batch sizes) arrives after the
+        # node was built, and facts from before it made the control plane refuse true heartbeats as impossible
+        # (mean batch above the default max_batch_size: the H100 and 2-core runs of 2026-12-06).
+        self._facts = facts if callable(facts) else (lambda: facts)
+        self.link, self.load = link, load
         self.on_refused = on_refused
         self.refusal: GazsiError | None = None
         self.token = token if token is not None else read_join_token(config)
         self.interval_s = interval_s or config.heartbeat_interval_s
-        self.node_id: str | None = self.facts.node_id
+        self.node_id: str | None = self._facts().node_id
         self.follower = TableFollower(self.link.table, refresh_s=config.table_refresh_s)
         self.state = "new"
         self.failures = 0
@@ -196,7 +200,7 @@ class EdgeAgent:
         return self.follower.table
 
     async def join(self) -> None:
-        facts = self.facts.model_copy(update={"node_id": self.node_id}).model_dump()
+        facts = self._facts().model_copy(update={"node_id": self.node_id}).model_dump()
         data = await self.link.join(facts, self.token)
         self.node_id = data["node_id"]
         self.interval_s = float(data.get("heartbeat_interval_s", self.interval_s))
@@ -204,6 +208,11 @@ class EdgeAgent:
             self.follower.push(RoutingTable.from_dict(data["table"]))
         self.state = "joined"
         log.info("joined the control plane as %s", self.node_id)
+
+    def rejoin(self) -> None:
+        """Join again at the next beat (same node id, same place): the control plane gets fresh facts."""
+        if self.state == "joined":
+            self.state = "new"
 
     async def beat(self) -> None:
         if self.node_id is None or self.state != "joined":

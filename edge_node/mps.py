@@ -16,12 +16,15 @@ already holds a CUDA context when the daemon starts stays outside it (said in th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from gazsi_cluster.errors import ConfigError
@@ -32,35 +35,66 @@ log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
 _ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
+_PR_SET_PDEATHSIG = 1
 
 
 class MpsDaemon:
-    """A running ``nvidia-cuda-mps-control -d`` whose clients are this process and its children."""
+    """``nvidia-cuda-mps-control -f`` as this process's child; its clients are this process and its children.
+
+    In the foreground and with ``PR_SET_PDEATHSIG``, so a node that is killed (even ``kill -9``) takes its
+    daemon along: on the H100 (2026-12-06) a ``-d`` daemon outlived a node that never became ready.
+    """
 
     def __init__(self, control: str, root: Path) -> None:
         self.control, self.root = control, root
         self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
         self._saved = {k: os.environ.get(k) for k in _ENV}
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        for path in self.env.values():
-            Path(path).mkdir(parents=True, exist_ok=True)
-        # -d forks the control daemon and returns; the server itself starts with the first client.
-        subprocess.run([self.control, "-d"], env={**os.environ, **self.env}, check=True, timeout=30,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def start(self, ready_s: float = 10.0) -> None:
+        pipe, logs = (Path(p) for p in self.env.values())
+        pipe.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / "control.out").open("wb") as out:
+            self.proc = subprocess.Popen([self.control, "-f"], env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        # Clients that start before the control socket exists would run without MPS, silently: wait for it.
+        deadline = time.monotonic() + ready_s
+        while not any(pipe.iterdir()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                said = (logs / "control.out").read_text(errors="replace").strip()[-500:]
+                self._reap()
+                raise OSError(f"exited with {self.proc.returncode}: {said}" if self.proc.returncode is not None
+                              else f"no control socket in {pipe} after {ready_s:.0f} s")
+            time.sleep(0.02)
         os.environ.update(self.env)
 
     def stop(self) -> None:
         """Quit the daemon (and its server, once the clients are gone), restore the environment."""
-        with contextlib.suppress(Exception):
-            subprocess.run([self.control], input=b"quit\n", env={**os.environ, **self.env}, timeout=30,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                subprocess.run([self.control], input=b"quit\n", env={**os.environ, **self.env}, timeout=30,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        self._reap()
         for key, value in self._saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _reap(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _has_context() -> bool:
@@ -88,8 +122,7 @@ def start_mps(mode: str) -> MpsDaemon | None:
         try:
             daemon.start()
         except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", b"") or b""
-            why = f"{CONTROL} -d failed: {exc!r} {detail.decode(errors='replace').strip()}"
+            why = f"{CONTROL} -f failed: {exc}"
             shutil.rmtree(daemon.root, ignore_errors=True)
         else:
             note = " (this process already has a CUDA context: only the feed processes are its clients)" \

@@ -262,7 +262,7 @@ class EdgeNode:
             await self._start_ops()
         link = self._link or self._https_link()
         if link is not None and self.worker is None:
-            self.agent = EdgeAgent(link, self.facts(), self.load, self.settings.control_plane,
+            self.agent = EdgeAgent(link, self.facts, self.load, self.settings.control_plane,
                                    on_refused=self._join_refused)
             # Join only once the node can serve: a loading node in the routing table turns traffic into 503s.
             self._join_task = asyncio.create_task(self._join_when_ready(), name="gazsi-edge-join")
@@ -426,8 +426,19 @@ class EdgeNode:
             zone=s.edge.zone,
             dataplane=self.dataplane, dataplane_reason=self.dataplane_summary()[:256],
             engine_backend=engine.info.backend if engine else s.engine.backend, models=[s.engine.model, *self.llm.names()],
-            max_batch_size=s.batcher.max_batch_size, version=__version__,
+            max_batch_size=self.largest_batch(), version=__version__,
         )
+
+    def largest_batch(self) -> int:
+        """The most inputs one batch of this node can hold (heartbeats' mean batch never exceeds it).
+
+        The slot batcher of the multi-process planes fills batches up to ``batcher.max_batch_size`` inputs but
+        always takes its first ring slot whole, and a slot carries up to ``edge.ring_slot_inputs``.
+        """
+        s = self.settings
+        if self.multi_process:
+            return max(s.batcher.max_batch_size, s.edge.ring_slot_inputs)
+        return s.batcher.max_batch_size
 
     def dataplane_summary(self) -> str:
         """Why this data plane, and for a fast front how many HTTP workers serve it (``gazsi up`` prints it)."""
@@ -540,7 +551,10 @@ class EdgeNode:
 
     def reconfigure(self, settings: Settings) -> None:
         """Batching rules and limits change without a restart (Serve ``user_config``)."""
+        largest = self.largest_batch()
         self.settings.batcher = settings.batcher
+        if self.agent is not None and self.largest_batch() != largest:
+            self.agent.rejoin()  # the control plane's facts (largest batch, routing weight) follow
         if self.runtime is not None:
             self.runtime.reconfigure(settings.batcher)
         self.apply_limits(settings.limits)

@@ -19,12 +19,16 @@ from gazsi_cluster.errors import ConfigError
 pytestmark = pytest.mark.unit
 
 _CONTROL = """#!/bin/sh
-if [ "$1" = "-d" ]; then
-  [ -n "$FAIL" ] && { echo "cannot reach the GPU" >&2; exit 3; }
+if [ "$1" = "-f" ]; then
+  [ -n "$FAIL" ] && { echo "cannot reach the GPU"; exit 3; }
   echo "start $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY" >> "$LOG"
+  : > "$CUDA_MPS_PIPE_DIRECTORY/control"
+  while [ ! -e "$CUDA_MPS_PIPE_DIRECTORY/quit" ]; do sleep 0.02; done
+  echo "exit" >> "$LOG"
   exit 0
 fi
 echo "$(cat) $CUDA_MPS_PIPE_DIRECTORY" >> "$LOG"
+touch "$CUDA_MPS_PIPE_DIRECTORY/quit"
 """
 
 
@@ -60,8 +64,10 @@ def test_the_daemon_is_the_nodes_own_and_quits_with_it(tmp_path: Path, monkeypat
     assert pipe.startswith(str(daemon.root)) and Path(pipe).is_dir()
     assert os.environ["CUDA_MPS_LOG_DIRECTORY"].startswith(str(daemon.root))
     assert calls(log) == [["start", pipe, os.environ["CUDA_MPS_LOG_DIRECTORY"]]]
+    assert daemon.proc is not None and daemon.proc.poll() is None  # in the foreground, our child
     daemon.stop()
-    assert calls(log)[1] == ["quit", pipe]  # told to quit through the same pipe directory
+    assert calls(log)[1:] == [["quit", pipe], ["exit"]]  # told to quit through the same pipe directory
+    assert daemon.proc.returncode == 0
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and "CUDA_MPS_LOG_DIRECTORY" not in os.environ
     assert not daemon.root.exists()
 
@@ -101,7 +107,7 @@ def test_a_node_without_a_gpu_falls_back_to_fast_and_quits_its_daemon(tmp_path: 
     monkeypatch.setattr(node_module, "choose_dataplane", lambda requested: ("fast", "test: no CUDA GPU"))
     node = node_module.EdgeNode(_gpu_settings(tmp_path))
     assert node.dataplane == "fast"
-    assert [c[0] for c in calls(log)] == ["start", "quit"]
+    assert [c[0] for c in calls(log)] == ["start", "quit", "exit"]
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
 
 
@@ -115,7 +121,7 @@ def test_a_node_that_cannot_be_built_leaves_no_daemon(tmp_path: Path, monkeypatc
     settings = _gpu_settings(tmp_path, tls={"certfile": str(certs.server_cert), "keyfile": str(certs.server_key)})
     with pytest.raises(ConfigError, match="cannot serve TLS"):
         node_module.EdgeNode(settings)
-    assert [c[0] for c in calls(log)] == ["start", "quit"]
+    assert [c[0] for c in calls(log)] == ["start", "quit", "exit"]
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
 
 
@@ -128,3 +134,25 @@ def test_one_process_on_the_gpu_starts_no_daemon(tmp_path: Path, monkeypatch: py
     node_module.EdgeNode(load_settings(data_dir=str(tmp_path / "d2"), engine={"backend": "fake"},
                                        edge={"dataplane": "fast", "gpu_mps": "on"}))
     assert calls(log) == []
+
+
+def test_the_daemon_dies_with_a_killed_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    log = stand_in(tmp_path, monkeypatch)
+    node = subprocess.Popen([sys.executable, "-c", "import sys, time; from edge_node.mps import start_mps; "
+                             "d = start_mps('on'); print(d.proc.pid, flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert node.stdout is not None
+    daemon = psutil.Process(int(node.stdout.readline()))
+    assert calls(log)[0][0] == "start"
+    node.kill()  # no stop(), no quit: PR_SET_PDEATHSIG ends the daemon
+    node.wait(10)
+    deadline = time.monotonic() + 10
+    while daemon.is_running() and daemon.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not daemon.is_running() or daemon.status() == psutil.STATUS_ZOMBIE

@@ -53,20 +53,31 @@ def ring_module() -> Any:
     return cp.RawModule(code=src, options=("--std=c++17",))
 
 
-# cudaDeviceScheduleAuto / Spin / Yield / BlockingSync (CUDA runtime API, cudaSetDeviceFlags).
+# CU_CTX_SCHED_AUTO / SPIN / YIELD / BLOCKING_SYNC (driver API; the runtime's cudaDeviceSchedule* are equal).
 SCHEDULE_FLAGS = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}
 
 
-def set_schedule(sync: str) -> None:
-    """How this process's CPU waits for the GPU (``edge.gpu_sync``); only before its CUDA context exists."""
+def set_schedule(sync: str, device: int = 0) -> None:
+    """How this process's CPU waits for the GPU (``edge.gpu_sync``), set on the device's primary context.
+
+    Through the driver API (``cuDevicePrimaryCtxSetFlags``), which CuPy's runtime calls then use: CuPy has no
+    ``cudaSetDeviceFlags`` (the H100, 2026-12-06: every feed process of ``gpu_sync: blocking`` died with an
+    AttributeError, and the node waited 120 s for them). A driver that refuses is logged; the node goes on.
+    """
     if sync == "auto":
         return
-    import cupy as cp
+    import ctypes
 
     try:
-        cp.cuda.runtime.setDeviceFlags(SCHEDULE_FLAGS[sync])
-    except cp.cuda.runtime.CUDARuntimeError as exc:  # a context exists already (the engine made it)
-        log.warning("edge.gpu_sync=%s not applied: %s (this process already has a CUDA context)", sync, exc)
+        cuda = ctypes.CDLL("libcuda.so.1")
+        dev = ctypes.c_int()
+        rc = cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), device) or \
+            cuda.cuDevicePrimaryCtxSetFlags_v2(dev, SCHEDULE_FLAGS[sync])
+    except (OSError, AttributeError) as exc:
+        log.warning("edge.gpu_sync=%s not applied: %r", sync, exc)
+        return
+    if rc:
+        log.warning("edge.gpu_sync=%s not applied: CUDA driver error %d", sync, rc)
 
 
 class CudaDevice:
@@ -78,7 +89,7 @@ class CudaDevice:
     def __init__(self, capacity: int = 1024, *, sync: str = "auto") -> None:
         import cupy as cp
 
-        set_schedule(sync)
+        set_schedule(sync, cp.cuda.runtime.getDevice())
 
         from .control import MappedBuffer
         from .kernels import GpuHttpEngine

@@ -50,5 +50,5 @@ def test_feed_processes_are_clients_of_the_nodes_own_daemon(tmp_path: Path) -> N
         assert r.status_code == 200, r.text
     finally:
         assert edge.stop() == 0, "".join(edge.lines)
-    assert log.read_text().splitlines()[-1] == f"quit {pipe}"
+    assert log.read_text().splitlines()[-2:] == [f"quit {pipe}", "exit"]
     assert not Path(pipe).exists()
