@@ -119,6 +119,70 @@ def cpu_top(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, fl
     return [(cmd, round(c, 3)) for cmd, c in sorted(used, key=lambda x: -x[1])[:n] if c > 0.005]
 
 
+class NodeThreads:
+    """The node process's threads over a run (CPU seconds each), its CPU affinity and a few environment
+    variables: why a node inside a Serve replica uses fewer cores than the same node standalone."""
+
+    def __init__(self, match: str | int) -> None:
+        import psutil
+
+        self.proc: Any = None
+        if isinstance(match, int):
+            self.proc = psutil.Process(match)
+        else:
+            for p in psutil.process_iter(["cmdline"]):
+                if match in " ".join(p.info["cmdline"] or []):
+                    self.proc = p
+                    break
+
+    def __enter__(self) -> NodeThreads:
+        self.t0 = time.monotonic()
+        self.before = self._threads()
+        self.dumps: list[str] = []
+        # py-spy stacks of every thread at 2 s and 3.5 s into the run: what the node process is doing.
+        self._dumper = threading.Thread(target=self._dump, daemon=True)
+        self._dumper.start()
+        return self
+
+    def _dump(self) -> None:
+        import shutil
+
+        pyspy = shutil.which("py-spy") or "/tmp/site/bin/py-spy"
+        for at in (2.0, 3.5):
+            time.sleep(max(0.0, self.t0 + at - time.monotonic()))
+            if self.proc is None or not Path(pyspy).exists():
+                return
+            run = subprocess.run([pyspy, "dump", "--pid", str(self.proc.pid)], capture_output=True, text=True,
+                                 timeout=20, check=False)
+            self.dumps.append(run.stdout[-6000:] + run.stderr[-500:])
+
+    def __exit__(self, *exc: object) -> None:
+        self.after = self._threads()
+        self.secs = time.monotonic() - self.t0
+        self._dumper.join(30)
+
+    def _threads(self) -> dict[int, float]:
+        try:
+            return {t.id: t.user_time + t.system_time for t in self.proc.threads()} if self.proc else {}
+        except Exception:
+            return {}
+
+    def summary(self) -> dict[str, Any]:
+        if self.proc is None:
+            return {"error": "node process not found"}
+        busy = sorted(((self.after[k] - self.before.get(k, 0.0)) / self.secs for k in self.after), reverse=True)
+        out: dict[str, Any] = {"pid": self.proc.pid, "threads": len(self.after),
+                               "busiest_thread_cores": [round(c, 3) for c in busy[:6]], "pyspy": self.dumps}
+        try:
+            out["affinity"] = len(os.sched_getaffinity(self.proc.pid))
+            env = Path(f"/proc/{self.proc.pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            out["env"] = {k: v for k, _, v in (e.partition("=") for e in env)
+                          if k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")}
+        except Exception as exc:
+            out["env_error"] = repr(exc)
+        return out
+
+
 def gazsi(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     cmd = ["taskset", "-c", CORES["server"], sys.executable, "-c",
            "import sys; from gazsi_cli.main import main; sys.exit(main(sys.argv[1:]))", *args]
@@ -178,7 +242,10 @@ def run_standalone(args: argparse.Namespace, env: dict[str, str], out: Path, wrk
         res["single"] = r = _ok(wrk.run(url, "single", args.conns, args.duration))
         log(f"standalone single c={args.conns}: {r['rps']:,.0f} req/s ({r['ok_rps']:,.0f} 2xx/s) "
             f"p50 {r['p50'] / 1000:.2f} ms errors {r['errors']}")
-        res["batch32_c64"] = r = _ok(wrk.run(url, "batch32", 64, args.duration))
+        with NodeThreads(proc.pid) as threads:  # the CLI process is the node process
+            res["batch32_c64"] = r = _ok(wrk.run(url, "batch32", 64, args.duration))
+        r["node_threads"] = threads.summary()
+        log(f"standalone node process during batch32: { {k: v for k, v in r['node_threads'].items() if k != 'pyspy'} }")
         log(f"standalone batch32 c=64: {r['ok_rps'] * 32:,.0f} seq/s in 2xx answers, errors {r['errors']}")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -265,8 +332,10 @@ def main() -> int:
                     f"in {mix.get('duration_us', 0) / 1e6:.2f} s")
             save()
         cpu0, t0 = cpu_by_command(), time.monotonic()
-        with TableWatch() as watch:
+        with TableWatch() as watch, NodeThreads("ServeReplica:gazsi:Edge") as threads:
             r = _ok(wrk.run(edge, "batch32", 64, args.duration))
+        r["node_threads"] = threads.summary()
+        log(f"Edge replica (node process) during batch32: { {k: v for k, v in r['node_threads'].items() if k != 'pyspy'} }")
         r["cpu_cores_top"] = cpu_top(cpu0, cpu_by_command(), time.monotonic() - t0)
         r["table_watch"] = watch.summary()
         log(f"edge batch32: cores by process {r['cpu_cores_top'][:8]}")
