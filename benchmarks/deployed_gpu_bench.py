@@ -183,6 +183,18 @@ class NodeThreads:
         return out
 
 
+def engine_detail(admin: str) -> Any:
+    """The node's engine and batcher as its ``/readyz`` says (graph replays vs eager calls, live batch rules)."""
+    try:
+        detail = get_json(f"{admin}/readyz")
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}")
+    except Exception as exc:
+        return {"error": repr(exc)}
+    log(f"engine at {admin}: {json.dumps(detail)[:600]}")
+    return detail
+
+
 def gazsi(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     cmd = ["taskset", "-c", CORES["server"], sys.executable, "-c",
            "import sys; from gazsi_cli.main import main; sys.exit(main(sys.argv[1:]))", *args]
@@ -246,6 +258,7 @@ def run_standalone(args: argparse.Namespace, env: dict[str, str], out: Path, wrk
             res["batch32_c64"] = r = _ok(wrk.run(url, "batch32", 64, args.duration))
         r["node_threads"] = threads.summary()
         log(f"standalone node process during batch32: { {k: v for k, v in r['node_threads'].items() if k != 'pyspy'} }")
+        res["engine"] = engine_detail("http://127.0.0.1:8301")
         log(f"standalone batch32 c=64: {r['ok_rps'] * 32:,.0f} seq/s in 2xx answers, errors {r['errors']}")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -336,6 +349,8 @@ def main() -> int:
             r = _ok(wrk.run(edge, "batch32", 64, args.duration))
         r["node_threads"] = threads.summary()
         log(f"Edge replica (node process) during batch32: { {k: v for k, v in r['node_threads'].items() if k != 'pyspy'} }")
+        host, _, port = edge.rpartition(":")
+        r["engine"] = engine_detail(f"{host}:{int(port) + 1}")  # the replica's operator app: the next port
         r["cpu_cores_top"] = cpu_top(cpu0, cpu_by_command(), time.monotonic() - t0)
         r["table_watch"] = watch.summary()
         log(f"edge batch32: cores by process {r['cpu_cores_top'][:8]}")

@@ -121,6 +121,9 @@ class ModelRuntime:
         if engine is not None:
             detail["engine"] = {"backend": engine.info.backend, "device": engine.info.device,
                                 "healthy": engine.healthy()}
+            stats = getattr(engine, "stats", None)  # the CUDA-graph engine: replays, eager calls, captures
+            if isinstance(stats, dict):
+                detail["engine"]["stats"] = dict(stats)
         if self.batcher is not None:
             # The live batching rules, so an operator sees a Serve `user_config` change take effect.
             cfg = self.batcher.config
