@@ -214,3 +214,37 @@ def test_idle_gpu_dispatches_at_once_busy_gpu_waits_for_company() -> None:
         assert out and out[0].tolist() == [1, 2]
     finally:
         r.close()
+
+
+def _slot_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("gazsi-slots-"))
+
+
+def _until(cond: Any, limit_s: float = 5.0) -> bool:
+    end = time.monotonic() + limit_s
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return bool(cond())
+
+
+def test_a_new_pipeline_depth_reaches_the_running_threads(rig: Rig) -> None:
+    # Serve hands an Edge replica its user_config (pipeline_depth 2 on the GPU profile) after the threads
+    # started: the depth must follow, both ways, and slots keep being answered across each change.
+    rig.sb.start()
+    assert _slot_threads() == ["gazsi-slots-0"]
+    rig.sb.reconfigure(BatcherConfig(max_batch_size=64, max_wait_us=0, pipeline_depth=3))
+    assert _slot_threads() == ["gazsi-slots-0", "gazsi-slots-1", "gazsi-slots-2"]
+    a = rig.seqs(4)
+    rig.submit(1, a)
+    assert rig.replies(0, 1) == [1]
+    np.testing.assert_allclose(rig.ring.vectors[1, :1], rig.expected(a), rtol=1e-6)
+    rig.sb.reconfigure(BatcherConfig(max_batch_size=64, max_wait_us=0, pipeline_depth=1))
+    # The surplus threads finish their turn (a leader waits at most one select timeout) and end.
+    assert _until(lambda: _slot_threads() == ["gazsi-slots-0"]), _slot_threads()
+    b = rig.seqs(6)
+    rig.submit(2, b)
+    assert rig.replies(0, 1) == [2]
+    rig.sb.reconfigure(BatcherConfig(max_batch_size=64, max_wait_us=0, pipeline_depth=2))
+    assert _slot_threads() == ["gazsi-slots-0", "gazsi-slots-1"]
+    rig.sb.stop(2.0)
+    assert _until(lambda: _slot_threads() == [])

@@ -267,7 +267,7 @@ class FastTransport:
     def reconfigure(self) -> None:
         """New limits reach every worker; new batching rules reach the slot batcher."""
         if self.batcher is not None:
-            self.batcher.config = self.node.settings.batcher
+            self.batcher.reconfigure(self.node.settings.batcher)
         self.broadcast(self._settings_message())
 
     def broadcast(self, message: dict[str, Any]) -> None:
