@@ -60,6 +60,10 @@ class EngineConfig(_Section):
     cuda_graphs: bool = Field(True, description="Capture CUDA graphs per (batch, length) bucket.")
     max_batch_size: int = Field(512, ge=1, le=4096, description="Largest batch the engine accepts.")
     onnx_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores.")
+    onnx_spin: bool = Field(
+        True, description="ONNX Runtime's intra-op threads spin while they wait for work (its default); false = "
+        "they sleep, which gives the cores back to what shares them (Ray's processes beside a Serve replica).",
+    )
 
 
 class BatcherConfig(_Section):

@@ -50,7 +50,7 @@ def create_engine(settings: Settings, spec: ModelSpec) -> Engine:
 
         return OnnxCpuEngine(
             spec, settings.data_dir, max_seq_len=cfg.max_seq_len, max_batch_size=cfg.max_batch_size,
-            threads=cfg.onnx_threads,
+            threads=cfg.onnx_threads, spin=cfg.onnx_spin,
         )
     if backend == "torch-cuda":
         if not cuda_device_count():

@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class OnnxCpuEngine(Engine):
-    def __init__(self, spec: ModelSpec, data_dir: Path, *, max_seq_len: int, max_batch_size: int, threads: int = 0):
+    def __init__(self, spec: ModelSpec, data_dir: Path, *, max_seq_len: int, max_batch_size: int, threads: int = 0,
+                 spin: bool = True):
         self.spec = spec
         self._data_dir = data_dir
         self._threads = threads or (os.cpu_count() or 1)
+        self._spin = spin
         self._session: object | None = None
         self.info = EngineInfo(
             backend="onnx-cpu",
@@ -35,7 +37,7 @@ class OnnxCpuEngine(Engine):
             max_batch_size=max_batch_size,
             max_seq_len=min(max_seq_len, spec.max_seq_len),
             dimensions=spec.dimensions,
-            detail={"threads": self._threads},
+            detail={"threads": self._threads, "spin": spin},
         )
 
     def load(self) -> None:
@@ -46,6 +48,7 @@ class OnnxCpuEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self._threads
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spin else "0")
         self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         log.info("ONNX Runtime %s session loaded from %s (%d threads)", ort.__version__, path, self._threads)
 
