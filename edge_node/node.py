@@ -357,6 +357,7 @@ class EdgeNode:
             if stack is not None:
                 await stack.aclose()
         finally:
+            self._stop_mps()  # a node stopped without having started still owns its daemon
             self._closed.set()
 
     @staticmethod

@@ -156,3 +156,17 @@ def test_the_daemon_dies_with_a_killed_node(tmp_path: Path, monkeypatch: pytest.
     while daemon.is_running() and daemon.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not daemon.is_running() or daemon.status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_node_stopped_before_it_started_quits_its_daemon(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Serve calls the replica's __del__ (node.stop()) after a constructor that failed later on.
+    from edge_node import node as node_module
+
+    log = stand_in(tmp_path, monkeypatch)
+    monkeypatch.setattr(node_module, "choose_dataplane", lambda requested: ("gpu", "test: a GPU is present"))
+    node = node_module.EdgeNode(_gpu_settings(tmp_path))
+    assert [c[0] for c in calls(log)] == ["start"]
+    await node.stop()
+    assert [c[0] for c in calls(log)] == ["start", "quit", "exit"]
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
