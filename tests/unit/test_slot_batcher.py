@@ -232,19 +232,22 @@ def test_a_new_pipeline_depth_reaches_the_running_threads(rig: Rig) -> None:
     # started: the depth must follow, both ways, and slots keep being answered across each change.
     rig.sb.start()
     assert _slot_threads() == ["gazsi-slots-0"]
+    time.sleep(0.1)  # thread 0 leads now: it holds the forming lock, waiting for slots
     rig.sb.reconfigure(BatcherConfig(max_batch_size=64, max_wait_us=0, pipeline_depth=3))
     assert _slot_threads() == ["gazsi-slots-0", "gazsi-slots-1", "gazsi-slots-2"]
+    time.sleep(0.1)
+    # No traffic: the new threads are followers waiting for leadership, and must still notice they are
+    # surplus (the first try of this test passed alone and failed in the full suite when they did not).
+    rig.sb.reconfigure(BatcherConfig(max_batch_size=64, max_wait_us=0, pipeline_depth=1))
+    assert _until(lambda: _slot_threads() == ["gazsi-slots-0"]), _slot_threads()
     a = rig.seqs(4)
     rig.submit(1, a)
     assert rig.replies(0, 1) == [1]
     np.testing.assert_allclose(rig.ring.vectors[1, :1], rig.expected(a), rtol=1e-6)
-    rig.sb.reconfigure(BatcherConfig(max_batch_size=64, max_wait_us=0, pipeline_depth=1))
-    # The surplus threads finish their turn (a leader waits at most one select timeout) and end.
-    assert _until(lambda: _slot_threads() == ["gazsi-slots-0"]), _slot_threads()
+    rig.sb.reconfigure(BatcherConfig(max_batch_size=64, max_wait_us=0, pipeline_depth=2))
+    assert _slot_threads() == ["gazsi-slots-0", "gazsi-slots-1"]
     b = rig.seqs(6)
     rig.submit(2, b)
     assert rig.replies(0, 1) == [2]
-    rig.sb.reconfigure(BatcherConfig(max_batch_size=64, max_wait_us=0, pipeline_depth=2))
-    assert _slot_threads() == ["gazsi-slots-0", "gazsi-slots-1"]
     rig.sb.stop(2.0)
     assert _until(lambda: _slot_threads() == [])

@@ -165,8 +165,14 @@ class SlotBatcher:
     def _thread_main(self, index: int = 0) -> None:
         self._tl.index = index
         while not self._stop.is_set() and not self._surplus(index):
-            with self._form_lock:
+            # Followers wait for leadership in bounded turns, so a lowered pipeline_depth or stop() reaches them
+            # while the leader waits for slots.
+            if not self._form_lock.acquire(timeout=0.05):
+                continue
+            try:
                 batch = self._form()
+            finally:
+                self._form_lock.release()
             if batch is not None and batch.size:
                 self._tl.counted = True
                 try:
