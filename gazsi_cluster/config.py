@@ -315,6 +315,14 @@ class EdgeConfig(_Section):
                              "or 'asgi' (one FastAPI process)")
         return value
 
+    @field_validator("gpu_mps", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `on` / `off` as a boolean: `gpu_mps: on` must mean "on", not a type error.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
     host: str = Field("127.0.0.1", description="Bind address of the edge data plane.")
     port: int = Field(8000, ge=0, le=65535, description="Port of the edge data plane (0 = any free one).")
     dataplane: Dataplane = Field(

@@ -170,3 +170,12 @@ async def test_a_node_stopped_before_it_started_quits_its_daemon(tmp_path: Path,
     await node.stop()
     assert [c[0] for c in calls(log)] == ["start", "quit", "exit"]
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+
+
+def test_yaml_on_and_off_mean_on_and_off(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads bare on/off as booleans; a config file saying `gpu_mps: on` means "on".
+    cfg = tmp_path / "gazsi.yaml"
+    cfg.write_text("edge:\n  gpu_mps: on\n")
+    assert load_settings(cfg).edge.gpu_mps == "on"
+    cfg.write_text("edge:\n  gpu_mps: off\n")
+    assert load_settings(cfg).edge.gpu_mps == "off"
