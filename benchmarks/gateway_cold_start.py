@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gateway_direct_bench import wait_ok  # noqa: E402
+from benchmarks.gateway_direct_bench import start_edge, start_gateway, stop, wait_ok  # noqa: E402
 from benchmarks.h100_bench import CORES, Wrk  # noqa: E402
 
 
@@ -49,19 +47,10 @@ def main() -> int:
             env = {**os.environ, "GAZSI_AUTH__ENABLED": "false", "GAZSI_CACHE__ENABLED": "false",
                    "GAZSI_LOG_LEVEL": "warning", "GAZSI_DATA_DIR": str(out / f"data-{label}-{conns}"),
                    "PYTHONPATH": str(tree)}
-            edge = subprocess.Popen(
-                ["taskset", "-c", args.edge_cores, sys.executable, "-m", "gazsi_cli.main", "edge", "serve",
-                 "--port", "8400", "--admin-port", "8401", "--workers", "1", "--backend", "fake", "--no-auth"],
-                env=env, cwd=tree, stdout=(out / f"edge_{label}_{conns}.log").open("wb"), stderr=subprocess.STDOUT,
-                start_new_session=True)
+            edge = start_edge(tree, env, args.edge_cores, "fake", out / f"edge_{label}_{conns}.log")
             try:
                 wait_ok("http://127.0.0.1:8401/readyz")
-                gw = subprocess.Popen(
-                    ["taskset", "-c", args.gateway_cores, sys.executable, str(tree / "benchmarks/gateway_direct_bench.py"),
-                     "--wrk", "-", "--out", "-", "--serve", "direct", "--edge-url", "http://127.0.0.1:8400",
-                     "--port", "8410"],
-                    env=env, cwd=tree, stdout=(out / f"gateway_{label}_{conns}.log").open("wb"),
-                    stderr=subprocess.STDOUT, start_new_session=True)
+                gw = start_gateway(tree, env, args.gateway_cores, "direct", 8410, out / f"gateway_{label}_{conns}.log")
                 try:
                     wait_ok("http://127.0.0.1:8410/healthz")
                     for run in (1, 2):
@@ -72,11 +61,9 @@ def main() -> int:
                               f"statuses {r.get('statuses')}  wrk errors (non-2xx included) {r['errors']}  load {' '.join(r['loadavg'])}",
                               flush=True)
                 finally:
-                    os.killpg(gw.pid, signal.SIGTERM)
-                    gw.wait(20)
+                    stop(gw, 20)
             finally:
-                os.killpg(edge.pid, signal.SIGTERM)
-                edge.wait(30)
+                stop(edge, 30)
     (out / "gateway_cold_start.json").write_text(json.dumps(results, indent=1))
     return 0
 

@@ -82,6 +82,30 @@ def wait_ok(url: str, limit_s: float = 120) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
+def start_edge(tree: Path, env: dict[str, str], cores: str, backend: str, log: Path) -> subprocess.Popen[bytes]:
+    """``gazsi edge serve`` from ``tree`` on :8400 (operator app :8401), one worker, auth off."""
+    return subprocess.Popen(
+        ["taskset", "-c", cores, sys.executable, "-m", "gazsi_cli.main", "edge", "serve", "--port", "8400",
+         "--admin-port", "8401", "--workers", "1", "--backend", backend, "--no-auth"],
+        env=env, cwd=tree, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_gateway(tree: Path, env: dict[str, str], cores: str, serve: str, port: int, log: Path,
+                  extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """This script of ``tree`` serving one gateway listener (``serve``) on ``port`` in front of the edge."""
+    return subprocess.Popen(
+        ["taskset", "-c", cores, sys.executable, str(tree / "benchmarks/gateway_direct_bench.py"),
+         "--wrk", "-", "--out", "-", "--serve", serve, "--edge-url", "http://127.0.0.1:8400",
+         "--port", str(port), *(extra or [])],
+        env={**env, "PYTHONPATH": str(tree)}, cwd=tree, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes], wait_s: float) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(wait_s)
+
+
 def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
@@ -115,10 +139,7 @@ def main() -> int:
     env = {**os.environ, "GAZSI_AUTH__ENABLED": "false", "GAZSI_CACHE__ENABLED": "false",
            "GAZSI_LOG_LEVEL": "warning", "GAZSI_DATA_DIR": str(out / "data"),
            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    edge = subprocess.Popen(
-        ["taskset", "-c", args.edge_cores, sys.executable, "-m", "gazsi_cli.main", "edge", "serve", "--port", "8400",
-         "--admin-port", "8401", "--workers", "1", "--backend", args.backend, "--no-auth"],
-        env=env, cwd=ROOT, stdout=(out / "edge.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    edge = start_edge(ROOT, env, args.edge_cores, args.backend, out / "edge.log")
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv,
                                "backend": args.backend, "conns": args.conns, "variants": {}}
     variants = args.variants.split(",")
@@ -133,12 +154,7 @@ def main() -> int:
                 tree, serve = args.before_tree.resolve(), "direct"
             elif variant == "direct-aiohttp":
                 serve, extra = "direct", ["--sender", "aiohttp"]
-            gw = subprocess.Popen(
-                ["taskset", "-c", args.gateway_cores, sys.executable, str(tree / "benchmarks/gateway_direct_bench.py"),
-                 "--wrk", "-", "--out", "-", "--serve", serve, "--edge-url", "http://127.0.0.1:8400",
-                 "--port", str(args.port), *extra],
-                env={**env, "PYTHONPATH": str(tree)}, cwd=tree, stdout=(out / f"gateway_{variant}.log").open("wb"),
-                stderr=subprocess.STDOUT, start_new_session=True)
+            gw = start_gateway(tree, env, args.gateway_cores, serve, args.port, out / f"gateway_{variant}.log", extra)
             try:
                 wait_ok(f"http://127.0.0.1:{args.port}/healthz")
                 url = f"http://127.0.0.1:{args.port}"
@@ -156,11 +172,9 @@ def main() -> int:
                       f"gateway CPU {r['gateway_cpu_ms_per_req']:.3f} ms/request {r.get('statuses')}  "
                       f"load {' '.join(r['loadavg'])}", flush=True)
             finally:
-                os.killpg(gw.pid, signal.SIGTERM)
-                gw.wait(20)
+                stop(gw, 20)
     finally:
-        os.killpg(edge.pid, signal.SIGTERM)
-        edge.wait(30)
+        stop(edge, 30)
         (out / "gateway_direct_bench.json").write_text(json.dumps(results, indent=1))
     return 0
 
