@@ -237,8 +237,6 @@ class EdgeNode:
             raise
 
     async def _start_parts(self, stack: contextlib.AsyncExitStack) -> None:
-        if self._mps is not None:  # quits last, once every client process has gone
-            stack.callback(self._stop_mps)
         if self.limits_table is not None:  # closed last: the owner unlinks it once every worker has gone
             stack.callback(self.limits_table.close)
         start = getattr(self.authorizer, "start", None)
@@ -357,7 +355,7 @@ class EdgeNode:
             if stack is not None:
                 await stack.aclose()
         finally:
-            self._stop_mps()  # a node stopped without having started still owns its daemon
+            self._stop_mps()  # last, once every client process has gone (and for a node that never started)
             self._closed.set()
 
     @staticmethod
