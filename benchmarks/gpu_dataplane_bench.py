@@ -69,9 +69,17 @@ def modes(sizes: list[int], reps: int = 200) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
     import cupy as cp
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("all", "kernels", "modes"), default="all",
+                    help="kernels alone: what ncu profiles (the persistent kernel cannot be replayed)")
+    part = ap.parse_args().part
     props = cp.cuda.runtime.getDeviceProperties(0)
     print(f"device: {props['name'].decode()}  python {sys.version.split()[0]}  cupy {cp.__version__}\n")
-    kernels([16, 64, 256, 1024])
-    modes([16, 64, 256, 1024])
+    if part in ("all", "kernels"):
+        kernels([16, 64, 256, 1024])
+    if part in ("all", "modes"):
+        modes([16, 64, 256, 1024])

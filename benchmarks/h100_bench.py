@@ -348,7 +348,7 @@ def bench_system(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) 
             r["goodput_vs_saturation"] = r["ok_rps"] / sat[main_kind]["ok_rps"] if sat[main_kind]["ok_rps"] else 0.0
             res["overload_2x"] = r
             log(f"  {system.name}: goodput at 2x overload {r['goodput_vs_saturation']:.1%} of saturation")
-        if args.profile and system.name in ("edge-fast", "edge-fast-before"):
+        if args.profile and system.name.startswith(("edge-fast", "edge-gpu")):
             try:
                 res["profile"] = profile(system, wrk, args, out)
             except Exception as exc:  # a profiler problem must not lose the measurements
@@ -362,7 +362,8 @@ def bench_system(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) 
 
 
 def profile(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """py-spy on the engine process and one worker while wrk saturates (top self-time frames)."""
+    """py-spy on the engine process and one worker (an HTTP worker, or a gpu plane's feed process) while wrk
+    saturates (top self-time frames)."""
     import psutil
 
     assert system.proc is not None
@@ -391,7 +392,7 @@ def profile(system: System, wrk: Wrk, args: argparse.Namespace, out: Path) -> di
     procs = {role: subprocess.Popen([pyspy, "record", "-d", "4", "-r", "200", "--nonblocking", "-f", "raw", *flags,
                                      "-o", str(out / f"pyspy_{system.name}_{role}.txt"), "-p", str(pid)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for role, pid, flags in runs}
-    wrk.run(system.url, "single", args.conns, 5)
+    wrk.run(system.url, system.kinds[0], args.conns, 5)
     top: dict[str, Any] = {}
     for role, p in procs.items():
         p.wait(30)

@@ -27,6 +27,7 @@ import numpy as np
 from edge_node.encode import inference_body
 from edge_node.transports.gpu import _layout as L
 from edge_node.transports.gpu._reference import ParsedRequest, parse_reference
+from edge_node.transports.gpu.device import Launched
 from edge_node.transports.gpu.kernels import canned_table
 from edge_node.transports.gpu.ring import HostRing
 from tests.support.gpu_ring import EmulatedGpuSide
@@ -76,6 +77,14 @@ class ReferenceDevice:
         self.gpu = EmulatedGpuSide(self.ring.v)
         self.blob, self.idx = canned_table()
         self.closed = False
+
+    def launch_parse_admit(self, heads: Sequence[bytes]) -> Launched[np.ndarray]:
+        rows = self.parse_admit(heads)
+        return Launched(lambda: rows)
+
+    def launch_build_ring(self, n: int) -> Launched[list[int]]:
+        built = self.build_ring(n)
+        return Launched(lambda: built)
 
     def parse_admit(self, heads: Sequence[bytes]) -> np.ndarray:
         if len(heads) > self.capacity:

@@ -88,7 +88,10 @@ class GpuHttpEngine:
         self.build_kernel = mod.get_function("gz_build")
         self.h_reqs = cp.cuda.alloc_pinned_memory(capacity * L.REQ_STRIDE)
         self.reqs_np = np.frombuffer(self.h_reqs, dtype=np.uint8, count=capacity * L.REQ_STRIDE)
-        self.lens_np = np.zeros(capacity, dtype=np.int32)
+        # Pinned too: an upload on a stream is then a real async copy (both are rewritten only by the next
+        # burst's load, after this one's event).
+        self.h_lens = cp.cuda.alloc_pinned_memory(capacity * 4)
+        self.lens_np = np.frombuffer(self.h_lens, dtype=np.int32, count=capacity)
         self.d_reqs = cp.empty(capacity * L.REQ_STRIDE, dtype=cp.uint8)
         self.d_lens = cp.empty(capacity, dtype=cp.int32)
         self.d_results = cp.empty((capacity, L.NFIELDS), dtype=cp.int32)

@@ -25,7 +25,9 @@ bounded together by ``edge.gpu_queue_capacity`` (past it: 429 at once). It used 
 the ring was full, so load turned into 429 storms (issue 15).
 
 Control flow is mode (a), one kernel launch per burst (it won every burst size measured, see
-docs/benchmarks.md). A burst is whatever heads arrived during one event-loop turn, up to ``capacity``.
+docs/benchmarks.md). A burst is whatever heads arrived while the previous one was on the GPU, up to
+``capacity``: the loops wait for the device off the event loop (:meth:`GpuDataplane._gpu`), so framing
+heads, the pipeline and the socket writes go on meanwhile.
 The feed applies the listener limits (``settings.limits``); :meth:`GpuDataplane.stop` drains as the
 listener does (idle connections close at once, requests in service are answered, then their connections
 close). The operator routes (``/metrics``, ``/admin``) are on the node's operator port. Refused at start: TLS (the kernels speak plaintext HTTP),
@@ -35,6 +37,7 @@ and request bodies in chunked transfer coding (400: send ``Content-Length``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import heapq
@@ -45,7 +48,7 @@ import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -70,7 +73,7 @@ if TYPE_CHECKING:
     from edge_node.transports.base import TransportHost
     from gazsi_cluster.config import LimitsConfig, Settings
 
-    from .device import HttpDevice
+    from .device import HttpDevice, Launched
     from .ring import HostRing
 
 __all__ = ["GpuDataplane", "GpuTransport", "cuda_device", "refuse_tls"]
@@ -85,6 +88,7 @@ _STAGES = (("T0-T1 head to burst launch", 0, 1), ("T1-T3 admit kernel to CPU tak
 _NO_SLOT = -2  # gz_ring_admit's R_SLOT when every ring slot is taken (-3: a queue misbehaved, -1: not admitted)
 _PAGES = {L.ROUTE_INDEX: "/index.", L.ROUTE_CONTACTS: "/contacts."}
 _Burst = list[tuple[FeedConnection, bytes, int]]
+_T = TypeVar("_T")
 
 
 def error_response(exc: BaseException, keep_alive: bool) -> bytes:
@@ -147,6 +151,7 @@ class GpuDataplane:
         self._make_device = device or cuda_device()
         self.device: HttpDevice | None = None
         self._pending: _Burst = []
+        self._bursting = 0  # heads of the burst on the GPU now (stop drains on them too)
         # Hot /inference heads that found every ring slot taken, a heap by arrival: (t0, seq, conn, head,
         # keep-alive). They go back into a burst as slots free (oldest first), or get 429 once slot_wait_s passed.
         self._waiting: list[tuple[int, int, FeedConnection, bytes, bool]] = []
@@ -158,9 +163,11 @@ class GpuDataplane:
         self._slot_conn: dict[int, tuple[FeedConnection, bool, list[tuple[str, str]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        # Where the two loops wait for the GPU (an event's synchronize sleeps there, the GIL released).
+        self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
         self.server: asyncio.Server | None = None
         self.stats = {"bursts": 0, "requests": 0, "ring_full": 0, "waited": 0, "expired": 0, "queue_full": 0,
-                      "built": 0, "cpu": 0}
+                      "built": 0, "builds": 0, "cpu": 0, "gpu_waits": 0, "gpu_waits_off_loop": 0}
         # T0..T8 of the most recent slots: the per-stage table of the benchmarks (``stage_summary``).
         self.recent_marks: deque[np.ndarray] = deque(maxlen=20_000)
 
@@ -186,6 +193,7 @@ class GpuDataplane:
     def start(self) -> None:
         """Make the device (GPU buffers, mapped ring, compiled kernels), start the loops."""
         self.device = self._make_device(self.capacity)
+        self._waiter = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="gazsi-gpu-wait")
         self._loops = [asyncio.create_task(self._burst_loop(), name="gazsi-gpu-bursts"),
                        asyncio.create_task(self._build_loop(), name="gazsi-gpu-builds")]
 
@@ -231,9 +239,26 @@ class GpuDataplane:
                 await task
         for conn in list(self.connections):  # what did not finish in time
             conn.close()
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=True)  # a wait in progress ends with its event (bounded: kernels are)
+            self._waiter = None
         if self.device is not None:
             self.device.close()
             self.device = None
+
+    async def _gpu(self, work: Launched[_T]) -> _T:
+        """The result of launched device work, waited for without holding the event loop.
+
+        One turn of the loop first (at load the GPU is usually done by then, and a thread hand-off is
+        tens of microseconds); then the wait moves to a thread, where a blocking-sync event sleeps.
+        """
+        self.stats["gpu_waits"] += 1
+        if not work.done():
+            await asyncio.sleep(0)
+            if not work.done() and self._waiter is not None:
+                self.stats["gpu_waits_off_loop"] += 1
+                await asyncio.get_running_loop().run_in_executor(self._waiter, work.wait)
+        return work.result()
 
     # -- the feed's sink ------------------------------------------------------------------
     def submit(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None:
@@ -301,7 +326,9 @@ class GpuDataplane:
             while self._pending:
                 burst, self._pending = self._pending[: self.capacity], self._pending[self.capacity:]
                 try:
-                    self._run_burst(burst)
+                    await self._run_burst(burst)
+                except asyncio.CancelledError:
+                    raise
                 except Exception:  # a GPU failure answers this burst, it does not kill the loop
                     log.exception("GPU burst failed")
                     for conn, _, _ in burst:
@@ -310,10 +337,14 @@ class GpuDataplane:
             self._check_quiet()
             await asyncio.sleep(0)  # let the next turn's heads arrive before the next burst
 
-    def _run_burst(self, burst: _Burst) -> None:
+    async def _run_burst(self, burst: _Burst) -> None:
         assert self.device is not None
-        rows = self.device.parse_admit([head for _, head, _ in burst])
         t1 = time.perf_counter_ns()
+        self._bursting = len(burst)
+        try:
+            rows = await self._gpu(self.device.launch_parse_admit([head for _, head, _ in burst]))
+        finally:
+            self._bursting = 0
         self.stats["bursts"] += 1
         self.stats["requests"] += len(burst)
         canned: list[int] = []
@@ -402,7 +433,7 @@ class GpuDataplane:
         self._check_quiet()
 
     def _check_quiet(self) -> None:
-        if not (self._pending or self._waiting or self._tasks or self._slot_conn):
+        if not (self._pending or self._bursting or self._waiting or self._tasks or self._slot_conn):
             self._quiet.set()
 
     def _to_cpu(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None:
@@ -493,8 +524,10 @@ class GpuDataplane:
             k, self._to_build = self._to_build, 0
             if not k or self.device is None:
                 continue
-            built = self.device.build_ring(k)
+            # Results finishing while this build is on the GPU wait for the next one (they set _build).
+            built = await self._gpu(self.device.launch_build_ring(k))
             self.stats["built"] += k
+            self.stats["builds"] += 1
             for slot in built:
                 if slot < 0:
                     log.error("ring: build kernel found no response to build")

@@ -20,6 +20,14 @@ from tests.unit.test_gpu_mps import _CONTROL
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
+def _cmdline(proc: psutil.Process) -> list[str]:
+    """A child's command line; [] for one that ended since it was listed (the daemon's shell helpers)."""
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
@@ -40,7 +48,7 @@ def test_feed_processes_are_clients_of_the_nodes_own_daemon(tmp_path: Path) -> N
         assert started[0] == "start", started
         pipe = started[1]
         feeds = [p for p in psutil.Process(edge.proc.pid).children(recursive=True)
-                 if "tests.support.gpu_worker" in " ".join(p.cmdline())]
+                 if "tests.support.gpu_worker" in " ".join(_cmdline(p))]
         assert len(feeds) == 2
         # (/proc shows a process's environment as it started: the node's own is set later, in its
         # constructor, and checked in tests/unit/test_gpu_mps.py.)

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edge_node.engines.fake import FakeEngine
 from edge_node.node import EdgeNode
 from edge_node.transports.gpu import _layout as L
+from edge_node.transports.gpu.device import HttpDevice, Launched
 from edge_node.transports.gpu.server import GpuTransport
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.auth.keys import display_prefix
@@ -61,10 +64,11 @@ class Planes:
 
 
 @asynccontextmanager
-async def planes(tmp_path: Path, **settings: Any) -> AsyncIterator[Planes]:
+async def planes(tmp_path: Path, device: Callable[[int], HttpDevice] = ReferenceDevice,
+                 **settings: Any) -> AsyncIterator[Planes]:
     async with running_node(tmp_path, dataplane="asgi", **settings) as node:
         assert node.pipeline is not None
-        gpu = GpuTransport(node, device=ReferenceDevice)
+        gpu = GpuTransport(node, device=device)
         await gpu.start()
         pipeline = node.pipeline
         listener = HttpListener(pipeline.handle, node.settings.limits, max_body=lambda: pipeline.max_body_bytes)
@@ -349,4 +353,76 @@ async def test_hot_inputs_read_as_the_listener_reads_them(tmp_path: Path) -> Non
                     b"GET /inference?d=a HTTP/1.1\r\nConnection: close, keep-alive\r\n\r\n"):
             same(await p.both(raw))
         assert p.stats["built"] >= 5 and p.stats["cpu"] >= 3, p.stats  # both halves answered some
+        assert p.ring_is_clean()
+
+
+class _Gate:
+    """A CUDA event stand-in the test opens: ``synchronize`` blocks (at most 5 s, then says it timed out)."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.timed_out = False
+
+    @property
+    def done(self) -> bool:
+        return self.opened.is_set()
+
+    def synchronize(self) -> None:
+        if not self.opened.wait(5):
+            self.timed_out = True
+
+
+class _HeldDevice(ReferenceDevice):
+    """The reference kernels, but a burst with a ``d=held`` head stays "on the GPU" until the gate opens."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        super().__init__(capacity)
+        self.gate = _Gate()
+        self.bursts: list[int] = []
+
+    def launch_parse_admit(self, heads: Sequence[bytes]) -> Launched[np.ndarray]:
+        rows = self.parse_admit(heads)
+        self.bursts.append(len(heads))
+        held = any(b"d=held" in h for h in heads)
+        return Launched(lambda: rows, self.gate if held else None)
+
+
+async def test_the_event_loop_serves_while_a_burst_is_on_the_gpu(tmp_path: Path) -> None:
+    # The loop must not wait for the GPU: a finished inference is built and written while the next burst is
+    # still on the device, and heads arriving meanwhile are framed and go together into the burst after it.
+    devices: list[_HeldDevice] = []
+
+    def make(capacity: int) -> _HeldDevice:
+        devices.append(_HeldDevice(capacity))
+        return devices[-1]
+
+    engine = FakeEngine(delay_s=0.3)
+    async with planes(tmp_path, device=make, engine=engine, cache={"enabled": False}, auth={"enabled": False},
+                      batcher={"max_batch_size": 8, "max_wait_us": 0}) as p:
+        dev, plane = devices[0], p.gpu.plane
+        assert plane is not None
+        first = asyncio.create_task(_get_once(p.gpu.port, "/inference?d=first", 10))
+        await asyncio.sleep(0.1)  # "first" is in the engine (0.3 s)
+        held = asyncio.create_task(_get_once(p.gpu.port, "/inference?d=held", 10))
+        for _ in range(300):
+            if len(dev.bursts) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(dev.bursts) == 2, dev.bursts
+        reply = await asyncio.wait_for(first, 3)
+        assert reply.startswith(b"HTTP/1.1 200") and b'"input":"first"' in reply
+        assert not dev.gate.done and not dev.gate.timed_out, "answered only after the held burst came back"
+        later = [asyncio.create_task(_get_once(p.gpu.port, f"/inference?d=later+{i}", 10)) for i in range(5)]
+        for _ in range(300):
+            if len(plane._pending) == 5:
+                break
+            await asyncio.sleep(0.01)
+        assert len(plane._pending) == 5, "heads were not framed while the burst was on the GPU"
+        dev.gate.opened.set()
+        assert (await asyncio.wait_for(held, 5)).startswith(b"HTTP/1.1 200")
+        for i, task in enumerate(later):
+            got = await asyncio.wait_for(task, 5)
+            assert got.startswith(b"HTTP/1.1 200") and b'"input":"later %d"' % i in got
+        assert dev.bursts == [1, 1, 5], dev.bursts
+        assert plane.stats["gpu_waits_off_loop"] >= 1 and not dev.gate.timed_out, plane.stats
         assert p.ring_is_clean()
