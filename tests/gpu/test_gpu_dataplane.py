@@ -61,6 +61,39 @@ def test_ring_under_concurrent_gpu_producers_consumers_and_cpu_owner() -> None:
     done.free()
 
 
+@pytest.mark.timeout(120)
+def test_cuda_device_launches_end_in_an_event_and_match_the_reference() -> None:
+    # What the data plane relies on: launch_* end in a blocking-sync event to wait on, and what they
+    # produce once it is done equals the kernels' CPU reference (tests/support/gpu_plane.py), slots aside.
+    from edge_node.transports.gpu.device import CudaDevice
+    from tests.support.gpu_plane import ReferenceDevice
+
+    heads = [b"GET /inference?d=caf%C3%A9 HTTP/1.1\r\nConnection: close\r\n\r\n",
+             b"HEAD /inference?d=x HTTP/1.1\r\nAuthorization: Bearer k\r\n\r\n",
+             b"GET /index. HTTP/1.1\r\n\r\n", b"GET /nope HTTP/1.1\r\n\r\n"]
+    dev, ref = CudaDevice(8, sync="blocking"), ReferenceDevice(8)
+    try:
+        work = dev.launch_parse_admit(heads)
+        work.wait()
+        assert work.done()
+        rows, want = work.result(), ref.parse_admit(heads)
+        other = [c for c in range(L.NFIELDS) if c != L.R_SLOT]
+        assert np.array_equal(rows[:, other], want[:, other]), (rows, want)
+        slots = [int(s) for s in rows[:, L.R_SLOT]]
+        assert slots[0] >= 0 and slots[1] >= 0 and slots[2:] == [-1, -1]
+        for ring in (dev.ring, ref.ring):
+            for slot in ring.pop_requests():
+                ring.take(slot)
+                ring.complete(slot, tokens=4, batch_size=2, inference_us=77, sample=[0.5, -0.25, 1e-7])
+        built = dev.launch_build_ring(2)
+        built.wait()
+        got = {int(dev.ring.v.param[s, L.P_TAG]): dev.ring.response(s) for s in built.result()}
+        expected = {int(ref.ring.v.param[s, L.P_TAG]): ref.ring.response(s) for s in ref.build_ring(2)}
+        assert got == expected
+    finally:
+        dev.close()
+
+
 def _model_dir() -> Path | None:
     for cand in (Path(".carry/model"),):
         if (cand / "tokenizer.json").is_file():
