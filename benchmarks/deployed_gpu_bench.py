@@ -231,6 +231,7 @@ def replica_equivalent(profile: str, env: dict[str, str], path: Path, port: int)
 
 
 def run_standalone(args: argparse.Namespace, env: dict[str, str], out: Path, wrk: Wrk) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
     cfg, workers = replica_equivalent(args.profile, env, out / "standalone.yaml", 8300)
     log(f"standalone gazsi edge serve ({workers} workers, the {args.profile} Edge replica's settings)")
     logf = (out / "standalone.log").open("wb")
@@ -281,6 +282,10 @@ def main() -> int:
     ap.add_argument("--wrk-cores", default=CORES["wrk"], help="taskset list for wrk")
     ap.add_argument("--conns", type=int, default=256, help="connections of the single-input runs")
     ap.add_argument("--standalone", action="store_true", help="first the same edge standalone (gazsi edge serve)")
+    ap.add_argument("--standalone-after", action="store_true",
+                    help="the standalone node once more after `gazsi down`: the ratio is then also taken against "
+                         "the mean of both, so a machine whose speed drifts during the run (a shared 2-core one) "
+                         "does not decide it")
     ap.add_argument("--peers", default="",
                     help="after `gazsi down`, h100_bench.py systems under the same load (saturation only), e.g. "
                     "ceiling,ray-serve,infinity: the model-only ceiling and the peers in the same run")
@@ -377,9 +382,35 @@ def main() -> int:
         (out / "gazsi_down.log").write_text(down.stdout + "\n--- stderr\n" + down.stderr)
         log(f"gazsi down rc={down.returncode} in {results['down_s']} s")
         save()
+        if args.standalone_after:
+            try:
+                results["standalone_after"] = run_standalone(args, env, out / "after", Wrk(args.wrk, out))
+            except Exception as exc:
+                results["standalone_after"] = {"error": repr(exc)}
+            standalone_ratios(results)
+            save()
         if args.peers:
             run_peers(args, out, results)
             save()
+
+
+def standalone_ratios(results: dict[str, Any]) -> None:
+    """The deployed edge against the standalone node before it, after it, and their mean (single-input and
+    32-input, 2xx answers)."""
+    edge = results["paths"].get("edge (/v1/route)", {})
+    ratios: dict[str, float] = {}
+    for kind in ("single", "batch32_c64"):
+        runs = [results.get(k, {}).get(kind, {}).get("ok_rps") for k in ("standalone", "standalone_after")]
+        deployed = edge.get(kind, {}).get("ok_rps")
+        if not deployed:
+            continue
+        for label, rate in zip(("before", "after"), runs, strict=True):
+            if rate:
+                ratios[f"{kind}_vs_{label}"] = deployed / rate
+        if all(runs):
+            ratios[f"{kind}_vs_mean"] = deployed / (sum(runs) / 2)
+    results["edge_vs_standalone_runs"] = {k: round(v, 3) for k, v in ratios.items()}
+    log(f"deployed edge / standalone: {results['edge_vs_standalone_runs']}")
 
 
 def run_peers(args: argparse.Namespace, out: Path, results: dict[str, Any]) -> None:
