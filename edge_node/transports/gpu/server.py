@@ -255,9 +255,12 @@ class GpuDataplane:
         self.stats["gpu_waits"] += 1
         if not work.done():
             await asyncio.sleep(0)
-            if not work.done() and self._waiter is not None:
-                self.stats["gpu_waits_off_loop"] += 1
-                await asyncio.get_running_loop().run_in_executor(self._waiter, work.wait)
+            if not work.done():
+                if self._waiter is None:  # stopped meanwhile: still never read a result the GPU has not written
+                    work.wait()
+                else:
+                    self.stats["gpu_waits_off_loop"] += 1
+                    await asyncio.get_running_loop().run_in_executor(self._waiter, work.wait)
         return work.result()
 
     # -- the feed's sink ------------------------------------------------------------------
