@@ -173,12 +173,6 @@ class CudaDevice:
         self.parse_done.record(stream)
         return Launched(lambda: self.h_rows[:n].copy(), self.parse_done)
 
-    def parse_admit(self, heads: Sequence[bytes]) -> np.ndarray:
-        """:meth:`launch_parse_admit`, waited for (tests, benchmarks)."""
-        work = self.launch_parse_admit(heads)
-        work.wait()
-        return work.result()
-
     def build_canned(self, jobs: np.ndarray) -> list[bytes]:
         return self.engine.build(jobs, np.zeros((len(jobs), 3), dtype=np.float32))
 
@@ -189,12 +183,6 @@ class CudaDevice:
         self._to_host(self.h_built[:n], self.d_built[:n], stream)
         self.build_done.record(stream)
         return Launched(lambda: self.h_built[:n].tolist(), self.build_done)
-
-    def build_ring(self, n: int) -> list[int]:
-        """:meth:`launch_build_ring`, waited for (tests, benchmarks)."""
-        work = self.launch_build_ring(n)
-        work.wait()
-        return work.result()
 
     def close(self) -> None:
         import cupy as cp
