@@ -80,12 +80,9 @@ class Probe:
 
         self.cp = cp
         self.mem = MappedBuffer(256, np.uint32)
-        self.flag = self.mem.array[0:1]
-        self.ack = self.mem.array[32:33]  # its own 128-byte line
-        self.d_flag = cp.ndarray((1,), cp.uint32, cp.cuda.MemoryPointer(
-            cp.cuda.UnownedMemory(self.mem.dev_ptr, 4, self.mem), 0))
-        self.d_ack = cp.ndarray((1,), cp.uint32, cp.cuda.MemoryPointer(
-            cp.cuda.UnownedMemory(self.mem.dev_ptr + 128, 4, self.mem), 0))
+        words = self.mem.device_array(cp.uint32, (64,))
+        self.flag, self.d_flag = self.mem.array[0:1], words[0:1]
+        self.ack, self.d_ack = self.mem.array[32:33], words[32:33]  # its own 128-byte line
         mod = cp.RawModule(code=_SRC, options=("--std=c++17",))
         self.k_poll = mod.get_function("pp_poll")
         self.k_ack = mod.get_function("pp_ack")
