@@ -153,3 +153,24 @@ def test_device_module_loads_cupy_only_when_used() -> None:
             "try:\n    CudaDevice(8)\nexcept ImportError:\n    print('lazy')\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True)
     assert out.stdout.strip() == "lazy"
+
+
+def test_the_stage_table_keeps_the_most_recent_slots_and_their_release_mark(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_node.transports.gpu import server
+
+    monkeypatch.setattr(server, "_RECENT_MARKS", 100)
+    plane = server.GpuDataplane(SimpleNamespace())  # type: ignore[arg-type]
+    plane.device = ReferenceDevice(8)
+    ts = plane.ring.v.ts
+    for k in range(250):  # 2.5 times round the circle: only the last 100 slots count
+        slot = k % 8
+        ts[slot, :] = np.arange(9, dtype=np.uint64) * 1000 * (k + 1) + 1
+        kept = plane._keep_marks(slot)
+        ts[slot, 8] = 10**9 + k  # what release stamps after the copy
+        plane._marks[kept, 8] = ts[slot, 8]
+    stages = plane.stage_summary()
+    assert stages["slots"]["n"] == 100
+    # T0->T1 of slot k is (k+1) us; the last 100 are k = 150..249: nearest ranks 49 and 98 of 151..250.
+    assert stages["T0-T1 head to burst launch"] == {"p50": 200.0, "p99": 249.0}
+    # T8 is the release stamp, not what the slot held when it was copied (T7-T8 falls as k grows: k = 200).
+    assert stages["T7-T8 release"]["p50"] == round((10**9 + 200 - (7000 * 201 + 1)) / 1e3, 1)
