@@ -81,7 +81,9 @@ class BurstRunner:
         self.d_ctrl = self.ctrl.device_array(cp.uint32, (16,))
         self.d_results = cp.zeros((capacity, L.NFIELDS), dtype=cp.int32)
         self.d_dbuf = cp.zeros(capacity * L.D_MAX, dtype=cp.uint8)
-        self.d_blocks = cp.zeros(1, dtype=cp.uint32)
+        # [0] blocks done (cumulative); [1..3] the persistent kernel's device-memory copy of the doorbell,
+        # exit flag and burst size (gz_persistent: one block polls host memory, the rest poll this).
+        self.d_blocks = cp.zeros(4, dtype=cp.uint32)
         self.stream = cp.cuda.Stream(non_blocking=True)
         mod = _module()
         self.k_parse = mod.get_function("gz_parse")
@@ -155,6 +157,9 @@ class PersistentRunner(BurstRunner):
         ctrl = self.ctrl.array
         ctrl[C_EXIT] = 0
         seq = int(ctrl[C_DOORBELL])
+        # Nothing runs on the stream now (first start, or after a synchronize): reset the block count and
+        # the mirror, ordered before the launch on the same stream.
+        self.d_blocks.set(np.array([0, seq, 0, 0], dtype=np.uint32), stream=self.stream)
         self.k_persistent((self.blocks,), (32,), (self.d_rx, self.d_lens, self.d_results, self.d_dbuf, self.d_ctrl, self.d_blocks,
                                                   np.uint32(seq), np.uint64(self.max_idle_ns)), stream=self.stream)
         deadline = time.perf_counter() + self.timeout_s

@@ -411,18 +411,41 @@ extern "C" __global__ void gz_parse_ctrl(const u8* __restrict__ reqs, const int*
     gz_block_done(ctrl, dev_blocks);
 }
 
-// Mode (b): a persistent kernel. Each block polls the doorbell (a burst sequence number) and
-// parses its share of the burst. It returns on the exit flag, and also after max_idle_ns
-// without work, so a host that died can never leave the GPU spinning forever.
+// Mode (b): a persistent kernel. Block 0 polls the doorbell (a burst sequence number) in host memory
+// and mirrors it, with the burst size, into device memory (dev_blocks[1..3]); the other blocks poll that
+// mirror, and every block parses its share of the burst. One poller on the host word, not one per SM: the
+// H100 (benchmarks/gpu_doorbell_probe.py, 2026-12-07) took 2.5 us per host<->GPU round trip with one
+// polling block and 124 us with 132, every SM reading the same mapped word over PCIe. It returns on the
+// exit flag, and also after max_idle_ns without work, so a host that died can never leave the GPU spinning.
+#define M_BELL 1       // dev_blocks[M_BELL]: block 0's copy of C_DOORBELL
+#define M_EXIT 2       // ... of C_EXIT
+#define M_N 3          // ... of C_N, written before M_BELL
 extern "C" __global__ void gz_persistent(const u8* __restrict__ reqs, const int* __restrict__ lens,
                                          int* __restrict__ results, u8* __restrict__ dbuf, volatile u32* ctrl,
                                          u32* dev_blocks, u32 first_seq, u64 max_idle_ns) {
+    volatile u32* mirror = dev_blocks;  // the host sets [M_BELL] = first_seq, [M_EXIT] = 0 before the launch
     u32 seen = first_seq;
     u64 idle_since = gz_now_ns();
     if (blockIdx.x == 0 && threadIdx.x == 0) ctrl[C_ALIVE] = 1;
     for (;;) {
         u32 bell = 0, stop = 0;
-        if (threadIdx.x == 0) { bell = ctrl[C_DOORBELL]; stop = ctrl[C_EXIT]; }
+        if (threadIdx.x == 0) {
+            if (blockIdx.x == 0) {
+                bell = ctrl[C_DOORBELL];
+                stop = ctrl[C_EXIT];
+                if (stop) {
+                    mirror[M_EXIT] = 1;
+                } else if (bell != seen) {
+                    __threadfence_system();  // the host wrote N before the bell: read it after
+                    mirror[M_N] = ctrl[C_N];
+                    __threadfence();         // N before the bell, for the blocks reading the mirror
+                    mirror[M_BELL] = bell;
+                }
+            } else {
+                bell = mirror[M_BELL];
+                stop = mirror[M_EXIT];
+            }
+        }
         bell = __shfl_sync(0xffffffffu, bell, 0);
         stop = __shfl_sync(0xffffffffu, stop, 0);
         if (stop) break;
@@ -431,8 +454,8 @@ extern "C" __global__ void gz_persistent(const u8* __restrict__ reqs, const int*
             __nanosleep(200);
             continue;
         }
-        __threadfence_system();
-        const int n = (int)ctrl[C_N];
+        __threadfence();
+        const int n = (int)mirror[M_N];
         for (int r = blockIdx.x; r < n; r += gridDim.x) gz_parse_one(r, reqs, lens, results, dbuf);
         gz_block_done(ctrl, dev_blocks);
         seen = bell;
