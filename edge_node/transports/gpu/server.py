@@ -196,12 +196,16 @@ class GpuDataplane:
         out["slots"] = {"n": float(len(ts))}
         return out
 
-    def _keep_marks(self, slot: int) -> int:
-        """Copy the slot's marks while it is still ours (once free, an admit on the GPU may stamp it again)."""
+    def _finish(self, slot: int) -> None:
+        """T7, then free the slot (T8), keeping its marks for :meth:`stage_summary`: copied before the release,
+        since a free slot may be admitted and stamped again by the GPU; T8 after it (only the CPU writes T8)."""
+        ring = self.ring
+        ring.stamp(slot, 7)
         i = self._marks_n % len(self._marks)
         self._marks_n += 1
-        self._marks[i] = self.ring.v.ts[slot]
-        return i
+        self._marks[i] = ring.v.ts[slot]
+        ring.release(slot)
+        self._marks[i, 8] = ring.v.ts[slot, 8]
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -551,10 +555,7 @@ class GpuDataplane:
                     continue
                 data = self.ring.response(slot)
                 conn, keep, headers = self._slot_conn.pop(slot)
-                self.ring.stamp(slot, 7)
-                kept = self._keep_marks(slot)
-                self.ring.release(slot)
-                self._marks[kept, 8] = self.ring.v.ts[slot, 8]  # T8, stamped by release (only the CPU writes it)
+                self._finish(slot)
                 conn.respond(with_headers(data, headers), keep)
             self._slot_freed()
             self._check_quiet()
