@@ -18,7 +18,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,26 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.h100_bench import CORES, Wrk  # noqa: E402
+from tests.support.edge import EdgeProcess  # noqa: E402
 
 # What the CUDA kernels do on a GPU node (their CPU references here): excluded from the feed's own cost.
 KERNEL_REFERENCES = ("ReferenceDevice.parse_admit", "ReferenceDevice.build_ring", "ReferenceDevice.build_canned")
-
-
-def start_plane(feeds: int, data_dir: Path) -> tuple[subprocess.Popen[str], int]:
-    env = {**os.environ, "GAZSI_CACHE__ENABLED": "false", "GAZSI_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.gpu_plane", "--data-dir", str(data_dir),
-                             "--backend", "fake", "--no-auth", "--workers", str(feeds)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    for line in proc.stdout:
-        found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
-        if found:
-            return proc, int(found.group(1))
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise RuntimeError("the reference gpu plane did not start")
 
 
 def feed_pids(root: int) -> list[int]:
@@ -93,11 +76,14 @@ def main() -> int:
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     wrk = Wrk(args.wrk, args.out)
     with tempfile.TemporaryDirectory() as data:
-        proc, port = start_plane(args.feeds, Path(data))
+        plane = EdgeProcess(Path(data), "--backend", "fake", "--no-auth", "--workers", str(args.feeds),
+                            command=[sys.executable, "-m", "tests.support.gpu_plane"],
+                            env={"GAZSI_CACHE__ENABLED": "false", "GAZSI_LOG_LEVEL": "warning",
+                                 "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
         try:
-            url = f"http://127.0.0.1:{port}"
+            url = plane.url
             wrk.run(url, "inference", args.conns, 3)  # warm: the tokenizer, the engine ring, the slots
-            feed = feed_pids(proc.pid)[0]
+            feed = feed_pids(plane.proc.pid)[0]
             raw = args.out / "pyspy_feed.txt"
             spy = subprocess.Popen([pyspy, "record", "-d", str(round(args.duration)), "-r", "200", "--nonblocking",
                                     "-f", "raw", "-o", str(raw), "-p", str(feed)],
@@ -105,8 +91,7 @@ def main() -> int:
             load = wrk.run(url, "inference", args.conns, args.duration + 1)
             spy.wait(60)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            plane.stop()
     total, top = shares(raw)
     kernels = sum(pct for name, pct in top if name in KERNEL_REFERENCES)
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "feeds": args.feeds,
