@@ -64,6 +64,10 @@ class Embedded:
     inference_us: int  # engine time of the slowest batch involved
     cache: str | None = None  # "hit" | "miss" | "partial" when the response cache took part
     computed_tokens: int | None = None  # tokens this request had computed; None = all of them
+    # Per input, when the response cache took part: read from it; computed by this call. Several requests
+    # embedded in one call (the GPU plane's bursts) take their cache header and billing from these.
+    hits: list[bool] | None = None
+    ran: list[bool] | None = None
 
 
 class Embedder(Protocol):
@@ -140,4 +144,5 @@ class CachedEmbedder:
         result = await self.cache.resolve(self.namespace, seqs, compute, use_cache=use_cache)
         ran: Embedded | None = result.computed
         return Embedded(result.vectors, ran.batch_size if ran else 0, ran.inference_us if ran else 0,
-                        cache=result.status, computed_tokens=ran.computed_tokens if ran else 0)
+                        cache=result.status, computed_tokens=ran.computed_tokens if ran else 0,
+                        hits=result.hits, ran=result.ran)

@@ -9,7 +9,7 @@ import numpy as np
 
 from edge_node.tokenization import TextTokenizer
 from gazsi_cluster.config import LimitsConfig
-from gazsi_cluster.errors import InputTooLong, InvalidRequest, TooManyInputs
+from gazsi_cluster.errors import GazsiError, InputTooLong, InvalidRequest, TooManyInputs
 
 __all__ = ["InputRules", "normalise_input"]
 
@@ -77,3 +77,34 @@ class InputRules:
         assert ids is not None
         self._check_count(len(ids))
         return self.tokenizer.wrap_ids(ids)
+
+    async def tokenize_each(self, texts: list[str]) -> list[np.ndarray | GazsiError]:
+        """Per text, what ``tokenize(text)`` gives: its one id array, or the refusal it raises.
+
+        For a transport that serves many single-text requests at once (the GPU data plane's bursts): one
+        tokenizer call for all of them (Rust's batch encoder) instead of one per request, and each request
+        still gets its own refusal.
+        """
+        out: list[np.ndarray | GazsiError] = []
+        good: list[int] = []
+        for i, text in enumerate(texts):
+            try:
+                self.check_texts([text])
+            except GazsiError as exc:
+                out.append(exc)
+                continue
+            out.append(_EMPTY)
+            good.append(i)
+        if good:
+            batch = [texts[i] for i in good]
+            if len(batch) <= _TOKENIZE_INLINE_MAX:
+                ids = self.tokenizer.encode(batch)
+            else:
+                ids = await asyncio.to_thread(self.tokenizer.encode, batch)
+            for i, seq in zip(good, ids, strict=True):
+                out[i] = seq
+        return out
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+

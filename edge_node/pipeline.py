@@ -11,8 +11,9 @@ Read top to bottom, a data request goes
 and any error on the way becomes a reply in exactly one place (:func:`gazsi_cluster.http.errors.error_reply`),
 after the peer forwarder had its chance at the errors a peer can fix (overloaded, model not here, not
 ready). The FastAPI app, the fast front's workers, the GPU data plane and a reverse tunnel all call
-:meth:`EdgePipeline.handle` (the GPU data plane's hot ``/inference`` path calls :meth:`EdgePipeline.handle_inference`,
-the same stages without the encode one, which its build kernel does); none of them validates, authorises,
+:meth:`EdgePipeline.handle` (the GPU data plane's hot ``/inference`` path calls
+:meth:`EdgePipeline.handle_inference_many` for a burst of heads: the same stages per request without the encode
+one, which its build kernel does); none of them validates, authorises,
 bills or formats errors on its own.
 Modelled on TEI's one handler per route over one ``Infer``.
 
@@ -25,7 +26,7 @@ import asyncio
 import logging
 import time
 from _codecs import escape_decode
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote
@@ -132,6 +133,11 @@ def _unquote(value: str) -> str:
         except ValueError:  # an escape that is not %XX: the stdlib keeps it as it is
             pass
     return unquote(value, errors="replace")
+
+
+def _known(principal: Principal | None) -> Principal:
+    assert principal is not None  # set for every request still live after authorisation
+    return principal
 
 
 def _use_cache(request: HttpRequest) -> bool:
@@ -300,25 +306,137 @@ class EdgePipeline:
             raise UnknownModel(f"The model `{req.model}` does not exist or does not serve {what}.", param="model")
         return await self.llm.relay(request, req, principal)
 
-    async def handle_inference(self, request: HttpRequest, text: str) -> GazsiResult | HttpReply:
-        """``GET /inference`` for a transport that encodes the body itself (the GPU data plane's build kernel).
+    async def handle_inference_many(self, requests: Sequence[HttpRequest], texts: Sequence[str | None]
+                                    ) -> list[GazsiResult | HttpReply]:
+        """``GET /inference`` for many requests at once, for a transport that encodes the bodies itself (the GPU
+        data plane's build kernel, over a burst of heads).
 
-        The same stages as :meth:`handle` up to, not including, the encode stage: a :class:`GazsiResult`, or
-        the reply for an error (through the same forwarding and the same error mapping). Never raises
-        (cancellation aside); the request is counted in the metrics like every other.
+        Per request the same stages, refusals and replies as :meth:`handle` up to, not including, the encode
+        stage: a :class:`GazsiResult`, or the reply for an error (through the same forwarding and the same
+        error mapping), in ``requests``' order. What the requests can share is done once: one readiness
+        check, one tokenizer call, one embed call per cache policy, so the node's engine gets them in one
+        ring slot and this process pays one hand-off, not one per request (issue 15: the gpu plane spent
+        twice the fast front's CPU per request on one task, tokenizer call and hand-off each). Authorisation,
+        per-key limits, token reservations, usage and metrics stay per request. Never raises (cancellation
+        aside).
         """
-        work = _Work(request.received)
-        work.model = self.model.model_id
-        outcome: GazsiResult | HttpReply
+        model = self.model.model_id
+        works = [_Work(r.received) for r in requests]
+        out: list[GazsiResult | BaseException | None] = [None] * len(requests)
+        principals: list[Principal | None] = [None] * len(requests)
+        seqs: dict[int, np.ndarray] = {}
+        live: list[int] = []
+        for i, request in enumerate(requests):
+            works[i].model = model
+            try:
+                if not texts[i]:
+                    raise InvalidRequest("query parameter d must hold the text to embed", param="d")
+                principals[i] = await self._authorize(request, model)
+            except Exception as exc:
+                out[i] = exc
+            else:
+                live.append(i)
         try:
-            outcome = await self._gazsi(request, work, text)
-        except GazsiError as exc:
-            outcome = await self._refused(request, work, exc)
-        except Exception as exc:  # a bug: the log keeps the stack, the client gets a generic 500
-            outcome = error_reply(exc)
-        status = outcome.status if isinstance(outcome, HttpReply) else 200
-        self.metrics.observe("/inference", status, time.perf_counter() - request.received)
-        return outcome
+            if live:
+                self.embedder.check_ready()
+                tokenized = await self.rules.tokenize_each([texts[i] or "" for i in live])
+                now = time.perf_counter()
+                for i, got in zip(live, tokenized, strict=True):
+                    if isinstance(got, GazsiError):
+                        out[i] = got
+                    else:
+                        seqs[i] = got
+                        works[i].timing.tokenized = now
+                live = [i for i in live if i in seqs]
+        except Exception as exc:
+            for i in live:
+                out[i] = exc
+            live = []
+        metered = not isinstance(self.authorizer, AllowAll)
+        if metered and live:
+            reserved = []
+            for i in live:
+                try:
+                    await self.authorizer.reserve_tokens(_known(principals[i]), model=model, tokens=len(seqs[i]))
+                except Exception as exc:
+                    out[i] = exc
+                else:
+                    reserved.append(i)
+            live = reserved
+        by_policy: dict[bool, list[int]] = {}
+        for i in live:
+            by_policy.setdefault(_use_cache(requests[i]), []).append(i)
+        unsettled = set(live)  # reserved, neither billed nor given back yet
+        try:
+            for use_cache, idx in by_policy.items():
+                await self._embed_many(requests, texts, works, principals, seqs, idx, use_cache, out, unsettled)
+        finally:
+            if metered and unsettled:  # cancelled on the way: nothing was served, the reservations go back
+                for i in unsettled:
+                    await asyncio.shield(self.authorizer.record_usage(
+                        _known(principals[i]), model=model, tokens=0, reserved=len(seqs[i]), requests=0))
+        return await self._settle(requests, works, out)
+
+    async def _embed_many(self, requests: Sequence[HttpRequest], texts: Sequence[str | None], works: list[_Work],
+                          principals: list[Principal | None], seqs: dict[int, np.ndarray], idx: list[int],
+                          use_cache: bool, out: list[GazsiResult | BaseException | None], unsettled: set[int]
+                          ) -> None:
+        """The embed stage of :meth:`handle_inference_many` for the requests ``idx`` (one cache policy): one
+        embed call, then per request its usage (cache hits and inputs another request computed are not billed,
+        as :meth:`_embed` bills), headers and result."""
+        model = self.model.model_id
+        metered = not isinstance(self.authorizer, AllowAll)
+        timing = Timing(received=min(works[i].timing.received for i in idx))
+        try:
+            done = await self.embedder.embed([seqs[i] for i in idx], timing, use_cache=use_cache)
+        except Exception as exc:
+            if isinstance(exc, Overloaded):
+                exc.retry_after = self.rules.limits.retry_after_s
+            for i in idx:
+                out[i] = exc
+                if metered:
+                    unsettled.discard(i)
+                    await asyncio.shield(self.authorizer.record_usage(
+                        _known(principals[i]), model=model, tokens=0, reserved=len(seqs[i]), requests=0))
+            return
+        for k, i in enumerate(idx):
+            request, work, principal = requests[i], works[i], _known(principals[i])
+            tokens = len(seqs[i])
+            t = work.timing
+            t.queued, t.formed, t.infer_start, t.infer_end = timing.queued, timing.formed, timing.infer_start, \
+                timing.infer_end
+            cache = None if done.hits is None else ("hit" if done.hits[k] else "miss")
+            billed = tokens if done.ran is None or done.ran[k] else 0
+            if metered:
+                unsettled.discard(i)
+                await self.authorizer.record_usage(principal, model=model, tokens=billed, reserved=tokens,
+                                                   cached_tokens=tokens - billed)
+            headers = self._headers(request, principal, work, cache, tokens, 1)
+            out[i] = GazsiResult(texts[i] or "", tokens, done.vectors[k][:3], done.inference_us, done.batch_size, headers,
+                                 (timing.infer_start, timing.infer_end))
+
+    async def _settle(self, requests: Sequence[HttpRequest], works: list[_Work],
+                      out: list[GazsiResult | BaseException | None]) -> list[GazsiResult | HttpReply]:
+        """Errors to replies (forwarded where a peer can help: those concurrently), and every request counted."""
+        replies: list[GazsiResult | HttpReply] = []
+        refused: list[tuple[int, GazsiError]] = []
+        for i, got in enumerate(out):
+            if isinstance(got, GazsiResult):
+                replies.append(got)
+            elif isinstance(got, GazsiError):
+                refused.append((i, got))
+                replies.append(error_reply(got))
+            else:  # a bug: the log keeps the stack, the client gets a generic 500
+                replies.append(error_reply(got if isinstance(got, Exception) else RuntimeError("no outcome")))
+        if refused and self.forwarder is not None:
+            forwarded = await asyncio.gather(*(self._refused(requests[i], works[i], exc) for i, exc in refused))
+            for (i, _), answer in zip(refused, forwarded, strict=True):
+                replies[i] = answer
+        now = time.perf_counter()
+        for request, reply in zip(requests, replies, strict=True):
+            status = reply.status if isinstance(reply, HttpReply) else 200
+            self.metrics.observe("/inference", status, now - request.received)
+        return replies
 
     async def _gazsi(self, request: HttpRequest, work: _Work, text: str | None) -> GazsiResult:
         if not text:

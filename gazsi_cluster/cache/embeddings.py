@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -45,6 +45,10 @@ class CacheResult:
     total_tokens: int = 0  # every input's tokens, duplicates included (OpenAI's prompt_tokens)
     computed_tokens: int = 0  # tokens of the distinct inputs this request computed
     computed_items: int = 0  # distinct inputs this request computed
+    # Per input, request order: read from the cache; computed by this call (an input's first occurrence
+    # among those it ran). A caller that merged several requests' inputs splits status and billing by these.
+    hits: list[bool] = field(default_factory=list)
+    ran: list[bool] = field(default_factory=list)
 
     @property
     def cached_tokens(self) -> int:
@@ -86,7 +90,8 @@ class ResponseCache:
             for key, raw in zip(unique, await self.backend.get_many(unique), strict=True):
                 if raw is not None:
                     found[key] = np.frombuffer(raw, dtype="<f4")
-        hits = sum(1 for k in keys if k in found)
+        hit = [k in found for k in keys]
+        hits = sum(hit)
         self.lookups.labels("hit").inc(hits)
         self.lookups.labels("miss").inc(len(keys) - hits)
 
@@ -114,9 +119,11 @@ class ResponseCache:
         vectors = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
         status = "hit" if hits == len(keys) else ("miss" if hits == 0 else "partial")
         ran = leaders + orphans
+        ran_at = {first_index[k] for k in ran}
         return CacheResult(
             vectors, status, computed, total_tokens=sum(len(s) for s in seqs),
-            computed_tokens=sum(len(seqs[first_index[k]]) for k in ran), computed_items=len(ran),
+            computed_tokens=sum(len(seqs[i]) for i in ran_at), computed_items=len(ran),
+            hits=hit, ran=[i in ran_at for i in range(len(keys))],
         )
 
     async def _reread(self, key: str) -> np.ndarray:

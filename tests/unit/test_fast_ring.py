@@ -111,9 +111,22 @@ async def test_a_request_larger_than_a_slot_spans_several(ring: SlotRing) -> Non
     ring.set_state(ENGINE_UP, generation=1)
     emb, req_fd = _embedder(ring)
     task = asyncio.create_task(emb.embed(_seqs(*([3] * 6)), Timing()))  # 6 inputs, 4 per slot
-    for _ in range(2):
-        await _engine_once(emb, ring, req_fd)
+    assert len(await _engine_once(emb, ring, req_fd)) == 2  # both slots in one write, not one after the other
     assert (await task).vectors.shape == (6, 8)
+
+
+async def test_a_many_slot_request_takes_a_window_of_slots_at_a_time() -> None:
+    ring = SlotRing.create(RingLayout(workers=1, slots_per_worker=8, slot_inputs=4, slot_tokens=64, dimensions=8))
+    try:
+        ring.set_state(ENGINE_UP, generation=1)
+        emb, req_fd = _embedder(ring)
+        task = asyncio.create_task(emb.embed(_seqs(*([3] * 24)), Timing()))  # 24 inputs, 4 per slot: 6 slots
+        assert len(await _engine_once(emb, ring, req_fd)) == 4  # a window of four (of 8 slots), then the other two
+        assert len(await _engine_once(emb, ring, req_fd)) == 2
+        assert (await task).vectors.shape == (24, 8)
+        assert len(emb._free) == 8  # every slot back
+    finally:
+        ring.close()
 
 
 async def test_no_free_slot_waits_then_429_with_retry_after(ring: SlotRing) -> None:

@@ -5,8 +5,8 @@ Worker ``w`` owns ring slots ``[w*S, (w+1)*S)`` outright: it fills a free slot, 
 into the node's request pipe (the slots of one event-loop turn in one write: on 2 cores with 2 workers
 that took the node's batches from ~9 to ~60 slots, its CPU per request from 0.036 to 0.025 ms and
 saturation from 7.4k to 8.8k req/s; issue 13), and the node's slot batcher writes the vectors back into
-the slot and the index into this worker's response pipe. A request larger than one slot spans several, sent one
-after another within the request deadline.
+the slot and the index into this worker's response pipe. A request larger than one slot spans several, sent
+``_WINDOW`` at a time within the request deadline (all of a GPU-plane burst's inputs arrive in one call).
 
 When every slot of the worker is taken, a request waits for one, oldest first (a freed slot is handed
 straight to the oldest waiter, so a newcomer never overtakes), for at most ``slot_wait_s`` and with at
@@ -56,6 +56,9 @@ __all__ = ["RingEmbedder"]
 
 _Part = tuple[np.ndarray, int, int]  # vectors, batch size, inference us
 _MAX_WRITE = 1024  # indices per write: 4 KiB, PIPE_BUF
+# Slots one call fills at once: a 100-input call is one round trip to the engine, not four, and a call of
+# thousands of inputs still leaves most of the worker's slots to the requests beside it.
+_WINDOW = 4
 
 
 class RingEmbedder:
@@ -163,8 +166,18 @@ class RingEmbedder:
         if len(chunks) == 1:
             vectors, batch, infer_us = await self._run_chunk(chunks[0], deadline, True, timing)
             return Embedded(vectors, batch, infer_us)
-        # Sequential: bounded slots, bounded by the deadline.
-        parts = [await self._run_chunk(chunk, deadline, i == 0, timing) for i, chunk in enumerate(chunks)]
+        # A window of slots at a time, bounded by the deadline; only the first slot may be refused as busy (429),
+        # the others of an admitted call wait for a slot until the deadline. A task group: one chunk's failure
+        # cancels its siblings (their slots go back), and the first error is the call's.
+        parts: list[_Part] = []
+        for w in range(0, len(chunks), _WINDOW):
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(self._run_chunk(chunk, deadline, w + j == 0, timing))
+                             for j, chunk in enumerate(chunks[w:w + _WINDOW])]
+            except BaseExceptionGroup as failed:
+                raise failed.exceptions[0] from None
+            parts += [t.result() for t in tasks]
         return Embedded(np.concatenate([p[0] for p in parts]), max(p[1] for p in parts), max(p[2] for p in parts))
 
     def _flush_turn(self) -> None:

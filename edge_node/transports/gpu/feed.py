@@ -42,7 +42,7 @@ from . import _layout as L
 if TYPE_CHECKING:
     from gazsi_cluster.config import LimitsConfig
 
-__all__ = ["FeedConnection", "FeedLimits", "HeadFramer", "HeadSink"]
+__all__ = ["FeedConnection", "FeedLimits", "HeadFramer", "HeadSink", "Work"]
 
 _TERM = b"\r\n\r\n"
 # A CR or LF that is not part of a CRLF: no terminator will make this head valid.
@@ -142,6 +142,14 @@ class FeedLimits:
                                f"{self.max_header_bytes} bytes)")
 
 
+class Work(Protocol):
+    """What a connection's request in service runs as: an asyncio task, or a share of a burst's task."""
+
+    def done(self) -> bool: ...
+
+    def cancel(self) -> bool: ...
+
+
 class HeadSink(Protocol):
     def submit(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None: ...
 
@@ -160,7 +168,7 @@ class FeedConnection(asyncio.Protocol):
         self.busy = False  # a request of this connection is being served
         self.closed = False
         self.draining = False  # the data plane is stopping: close once the request in service is answered
-        self.task: asyncio.Task[None] | None = None  # its CPU work, cancelled if the client leaves
+        self.task: Work | None = None  # its CPU work, cancelled if the client leaves
         self.writable = asyncio.Event()
         self.writable.set()
         self._counted = False

@@ -5,8 +5,10 @@ auth, limits, readiness, the response cache, usage, metrics and errors are those
 What the kernels add is speed on GAZSI's hot path:
 
 * ``GET``/``HEAD /inference?d=`` with a valid ``d`` and no body: parsed by ``gz_parse``, admitted to a
-  ring slot by ``gz_ring_admit``, handed to :meth:`EdgePipeline.handle_inference` (authorise -> limits
-  -> readiness -> tokenise -> embed -> usage, the encode stage aside), built by ``gz_ring_build`` into
+  ring slot by ``gz_ring_admit``, handed with the rest of its burst to
+  :meth:`EdgePipeline.handle_inference_many` (per request authorise -> limits -> readiness -> tokenise ->
+  embed -> usage, the encode stage aside; one tokenizer call and one embed call for the burst, one task
+  for it in this loop), built by ``gz_ring_build`` into
   the bytes :func:`edge_node.encode.inference_body` and the one renderer would write. The headers the
   pipeline adds (rate limits, ``X-Gazsi-Cache``, ``Server-Timing``) are spliced in where the renderer
   puts them. An error, or a peer's answer after forwarding, is rendered on the CPU.
@@ -395,15 +397,16 @@ class GpuDataplane:
                 self._to_cpu(conn, head, t0)
         if canned:
             self._answer_canned(burst, rows, canned)
+        served: list[tuple[int, FeedConnection, HttpRequest, str, bool]] = []
         for slot in self.ring.pop_requests():
             entry = admitted.pop(slot, None)
             if entry is None:
                 log.error("ring: slot %d on the request queue was not admitted in this burst", slot)
                 continue
-            i, hot = entry
+            i, is_hot = entry
             conn, head, t0 = burst[i]
             d = self.ring.take(slot)
-            if not hot:
+            if not is_hot:
                 self.ring.abort(slot)
                 self._slot_freed()
                 self._to_cpu(conn, head, t0)
@@ -411,9 +414,19 @@ class GpuDataplane:
             self.ring.stamp(slot, 0, t0)
             self.ring.stamp(slot, 1, t1)
             row = rows[i]
-            request = self._hot_request(conn, head, row, hot_heads[i], t0)
-            task = self._spawn(conn, self._infer(slot, conn, request, d.decode("utf-8"), bool(row[L.R_KEEPALIVE])))
-            task.add_done_callback(functools.partial(self._reclaim, slot))
+            served.append((slot, conn, self._hot_request(conn, head, row, hot_heads[i], t0), d.decode("utf-8"),
+                        bool(row[L.R_KEEPALIVE])))
+        if served:
+            # One task and one pipeline call for the burst's hot requests, not one each (issue 15). A client that
+            # leaves withdraws its share; the task is cancelled (the batcher drops its inputs) once all have left.
+            task = asyncio.get_running_loop().create_task(self._infer(served))
+            self._tasks.add(task)
+            self._quiet.clear()
+            task.add_done_callback(self._task_done)
+            task.add_done_callback(functools.partial(self._reclaim, served))
+            share = _BurstShare(task, len(served))
+            for _, conn, _, _, _ in served:
+                conn.task = share
         if admitted:  # admitted on the GPU but not seen on the request queue: a ring bug
             log.error("ring: %d admitted slots missing from the request queue", len(admitted))
             for i, _ in admitted.values():
@@ -462,27 +475,40 @@ class GpuDataplane:
         self._spawn(conn, self._serve_cpu(conn, head, t0_ns))
 
     # -- the CPU stage of the hot path: the pipeline, then back to the ring ---------------
-    async def _infer(self, slot: int, conn: FeedConnection, request: HttpRequest, text: str, keep: bool) -> None:
-        outcome = await self.pipeline.handle_inference(request, text)
-        if isinstance(outcome, HttpReply):  # an error, or what a peer answered
-            self.ring.abort(slot)
-            self._slot_freed()
-            await self._send(conn, request, outcome, keep)
-            return
-        self.ring.complete(slot, tokens=outcome.tokens, batch_size=outcome.batch_size,
-                           inference_us=outcome.inference_us, sample=outcome.sample.tolist(),
-                           infer_marks=outcome.marks)
-        self._slot_conn[slot] = (conn, keep, outcome.headers)
-        self._quiet.clear()
-        self._to_build += 1
-        self._build.set()
+    async def _infer(self, hot: list[tuple[int, FeedConnection, HttpRequest, str, bool]]) -> None:
+        outcomes = await self.pipeline.handle_inference_many([h[2] for h in hot], [h[3] for h in hot])
+        ring = self.ring
+        built = 0
+        for (slot, conn, request, _, keep), outcome in zip(hot, outcomes, strict=True):
+            if isinstance(outcome, HttpReply) or conn.closed:  # an error or a peer's answer; or nobody to send to
+                ring.abort(slot)
+                self._slot_freed()
+                if isinstance(outcome, HttpReply):
+                    await self._send(conn, request, outcome, keep)
+                continue
+            ring.complete(slot, tokens=outcome.tokens, batch_size=outcome.batch_size,
+                          inference_us=outcome.inference_us, sample=outcome.sample.tolist(),
+                          infer_marks=outcome.marks)
+            self._slot_conn[slot] = (conn, keep, outcome.headers)
+            built += 1
+        if built:
+            self._to_build += built
+            self._build.set()
 
-    def _reclaim(self, slot: int, task: asyncio.Task[None]) -> None:
-        # The client left and its task was cancelled, possibly before it ever ran (so no except
-        # clause inside it could help): a slot still PROCESSING goes back, nothing is sent.
-        if task.cancelled() and self.device is not None and int(self.ring.v.state[slot]) == L.S_PROCESSING:
-            self.ring.abort(slot)
-            self._slot_freed()
+    def _reclaim(self, hot: list[tuple[int, FeedConnection, HttpRequest, str, bool]], task: asyncio.Task[None]) -> None:
+        # Cancelled (stop) or failed (a bug) before its slots were completed: slots still PROCESSING go back,
+        # and after a failure their clients get the generic 500 instead of waiting for nothing.
+        if self.device is None or not (task.cancelled() or task.exception() is not None):
+            return
+        failed = not task.cancelled()
+        if failed:
+            log.error("GPU data plane: a burst's pipeline failed", exc_info=task.exception())
+        for slot, conn, _, _, _ in hot:
+            if int(self.ring.v.state[slot]) == L.S_PROCESSING:
+                self.ring.abort(slot)
+                self._slot_freed()
+                if failed:
+                    conn.respond(error_response(EngineError("GPU data plane failure"), False), False)
 
     # -- everything else: the CPU parses, the pipeline answers ----------------------------
     async def _serve_cpu(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None:
@@ -559,6 +585,23 @@ class GpuDataplane:
                 conn.respond(with_headers(data, headers), keep)
             self._slot_freed()
             self._check_quiet()
+
+
+class _BurstShare:
+    """A hot request's part in its burst's pipeline task (:class:`.feed.Work`): a client that leaves cancels
+    its share, and the last one to leave cancels the task."""
+
+    __slots__ = ("left", "task")
+
+    def __init__(self, task: asyncio.Task[None], n: int) -> None:
+        self.task, self.left = task, n
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    def cancel(self) -> bool:
+        self.left -= 1
+        return self.task.cancel() if self.left <= 0 else False
 
 
 def refuse_tls(settings: Settings) -> None:
