@@ -98,9 +98,9 @@ class InputRules:
         if good:
             batch = [texts[i] for i in good]
             if len(batch) <= _TOKENIZE_INLINE_MAX:
-                ids = self.tokenizer.encode(batch)
+                ids = self.tokenizer.encode_each(batch)
             else:
-                ids = await asyncio.to_thread(self.tokenizer.encode, batch)
+                ids = await asyncio.to_thread(self.tokenizer.encode_each, batch)
             for i, seq in zip(good, ids, strict=True):
                 out[i] = seq
         return out

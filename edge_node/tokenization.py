@@ -38,6 +38,14 @@ class TextTokenizer:
             return [np.asarray(self._tok.encode(texts[0]).ids, dtype=np.int64)]
         return [np.asarray(e.ids, dtype=np.int64) for e in self._tok.encode_batch(list(texts))]
 
+    def encode_each(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """:meth:`encode` for many one-text requests at once (the GPU plane's bursts): the same ids through the
+        batch encoder that skips character offsets, which nothing here reads (16 µs a text against 20 on the
+        2-core machine, a 10-word sentence, without Rust's thread pool)."""
+        fast = getattr(self._tok, "encode_batch_fast", None)  # tokenizers >= 0.21
+        encodings = fast(list(texts)) if fast is not None else self._tok.encode_batch(list(texts))
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
     def wrap_ids(self, sequences: Sequence[Sequence[int]], param: str = "input") -> list[np.ndarray]:
         """Accept pre-tokenised input (ids of this model's vocabulary, without special tokens).
 

@@ -48,12 +48,14 @@ class _Recording:
         self.calls: list[list[list[int]]] = []
         self.fail: BaseException | None = None
         self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
 
     def check_ready(self) -> None:
         return None
 
     async def embed(self, seqs: list[np.ndarray], timing: Timing, *, use_cache: bool = True) -> Embedded:
         self.calls.append([s.tolist() for s in seqs])
+        self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.fail is not None:
@@ -106,7 +108,8 @@ def _error(reply: GazsiResult | HttpReply) -> tuple[int, str | None]:
 
 
 def _ids(pipeline: EdgePipeline, text: str) -> list[int]:
-    return pipeline.rules.tokenizer.encode([text])[0].tolist()
+    ids: list[int] = pipeline.rules.tokenizer.encode([text])[0].tolist()
+    return ids
 
 
 async def test_a_burst_is_answered_request_by_request_with_one_embed_call(tmp_path: Path) -> None:
@@ -125,7 +128,7 @@ async def test_a_burst_is_answered_request_by_request_with_one_embed_call(tmp_pa
         assert out[1].status == 400 and orjson.loads(out[1].body)["error"]["param"] == "d"  # type: ignore[union-attr]
         assert _error(out[2])[0] == 401
         assert _error(out[3])[0] == 400
-        assert _error(out[5])[0] == 429 and dict(out[5].headers)["Retry-After"]  # type: ignore[union-attr]
+        assert _error(out[5])[0] == 429 and dict(out[5].headers)["Retry-After"]
         ok = {0: "apple", 4: "plum"}
         for i, text in ok.items():
             result = out[i]
@@ -133,7 +136,7 @@ async def test_a_burst_is_answered_request_by_request_with_one_embed_call(tmp_pa
             ids = _ids(pipeline, text)
             assert result.text == text and result.tokens == len(ids)
             assert np.allclose(result.sample, _vector(np.array(ids))[:3])
-        remaining = [dict(out[i].headers)["X-RateLimit-Remaining-Requests"] for i in ok]  # type: ignore[union-attr]
+        remaining = [dict(out[i].headers)["X-RateLimit-Remaining-Requests"] for i in ok]
         assert remaining == ["2", "0"]
         assert embedder.calls == [[_ids(pipeline, "apple"), _ids(pipeline, "plum")]]  # one call for the burst
         metrics = pipeline.metrics.render().decode()
@@ -152,14 +155,14 @@ async def test_cache_status_and_billing_are_per_request_within_a_burst() -> None
     first = await pipeline.handle_inference_many(
         [_get(), _get(), _get(**{"cache-control": "no-cache"})], ["apple", "apple", "pear"])
     assert all(isinstance(r, GazsiResult) for r in first)
-    assert [dict(r.headers)["X-Gazsi-Cache"] for r in first] == ["miss", "miss", "miss"]  # type: ignore[union-attr]
+    assert [dict(r.headers)["X-Gazsi-Cache"] for r in first] == ["miss", "miss", "miss"]
     # The second "apple" rode on the first's computation: counted, not billed.
     assert ledger.usage == [(t_apple, t_apple, 0, 1), (0, t_apple, t_apple, 1), (t_pear, t_pear, 0, 1)]
     assert inner.calls == [[_ids(pipeline, "apple")], [_ids(pipeline, "pear")]]  # one call per cache policy
 
     ledger.usage.clear()
     second = await pipeline.handle_inference_many([_get(), _get()], ["pear", "apple"])
-    assert [dict(r.headers)["X-Gazsi-Cache"] for r in second] == ["hit", "hit"]  # type: ignore[union-attr]
+    assert [dict(r.headers)["X-Gazsi-Cache"] for r in second] == ["hit", "hit"]
     assert ledger.usage == [(0, t_pear, t_pear, 1), (0, t_apple, t_apple, 1)]
     assert len(inner.calls) == 2
 
@@ -170,7 +173,7 @@ async def test_an_embed_failure_answers_every_request_and_gives_back_every_reser
     pipeline = _pipeline(embedder, ledger, LimitsConfig(retry_after_s=4.0))
     out = await pipeline.handle_inference_many([_get(), _get()], ["apple", "pear"])
     assert [_error(r)[0] for r in out] == [429, 429]
-    assert all(dict(r.headers)["Retry-After"] == "4" for r in out)  # type: ignore[union-attr]
+    assert all(dict(r.headers)["Retry-After"] == "4" for r in out)
     assert [(u[0], u[3]) for u in ledger.usage] == [(0, 0), (0, 0)]  # nothing billed...
     assert [u[1] for u in ledger.usage] == ledger.reserved  # ...and each reservation given back
 
@@ -180,8 +183,7 @@ async def test_a_cancelled_burst_gives_back_its_reservations() -> None:
     embedder.gate = asyncio.Event()
     pipeline = _pipeline(embedder, ledger)
     task = asyncio.create_task(pipeline.handle_inference_many([_get(), _get()], ["apple", "pear"]))
-    while not embedder.calls:
-        await asyncio.sleep(0.001)
+    await embedder.entered.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
