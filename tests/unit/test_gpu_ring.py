@@ -46,6 +46,30 @@ def test_one_request_walks_every_state() -> None:
     assert all(host.v.ts[slot, k] > 0 for k in (2, 3, 6, 8))
 
 
+def test_a_burst_completes_together_as_each_would_alone() -> None:
+    host, gpu = _ring()
+    slots = [gpu.admit(f"t{i}".encode()) for i in range(3)]
+    host.pop_requests()
+    for slot in slots:
+        host.take(slot)
+    free = next(s for s in range(L.RING_N) if s not in slots)
+    with pytest.raises(RingStateError):  # one slot not PROCESSING: nothing of the burst is published
+        host.complete_many([slots[0], free], tokens=[1, 1],
+                           batch_sizes=[1, 1], inference_us=[1, 1], samples=np.zeros((2, 3), np.float32),
+                           infer_marks=[(0.0, 0.0)] * 2)
+    assert all(host.v.state[s] == L.S_PROCESSING for s in slots)
+    host.complete_many(slots, tokens=[5, 6, 7], batch_sizes=[3, 3, 3], inference_us=[42, 43, 2**40],
+                       samples=np.arange(9, dtype=np.float32).reshape(3, 3), infer_marks=[(1.0, 2.0)] * 3)
+    assert [gpu.build_one() for _ in slots] == slots  # queued for the builder in order
+    assert [host.response(s) for s in slots] == [b"tokens=5", b"tokens=6", b"tokens=7"]
+    assert host.v.param[slots[2], L.J_INFER_US] == 2**31 - 1
+    assert host.v.sample[slots[1], :3].tolist() == [3.0, 4.0, 5.0]
+    assert host.v.ts[slots[0], 4] == 10**9 and host.v.ts[slots[2], 5] == 2 * 10**9
+    for slot in slots:
+        host.release(slot)
+    assert host.counts()["FREE"] == L.RING_N
+
+
 def test_owner_transitions_refuse_the_wrong_state() -> None:
     host, gpu = _ring()
     slot = gpu.admit(b"x")

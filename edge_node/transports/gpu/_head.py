@@ -132,4 +132,6 @@ def needs_cpu_query(query: bytes) -> bool:
     >>> needs_cpu_query(b"d=plain+text"), needs_cpu_query(b"%64=x"), needs_cpu_query(b"d=a#b")
     (False, True, True)
     """
+    if query.startswith(b"d=") and b"&" not in query:  # GAZSI's clients: one parameter, named d
+        return b"#" in query
     return _CPU_QUERY.search(query) is not None

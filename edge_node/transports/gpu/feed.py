@@ -173,8 +173,13 @@ class FeedConnection(asyncio.Protocol):
         self.writable.set()
         self._counted = False
         self._paused = False
+        # One lazy timer for the connection's clocks (header, body, keep-alive): arming moves a deadline, and
+        # the timer, when it fires early, waits out the rest. A cancel and a new TimerHandle per request was
+        # two heap operations a response (the keep-alive clock restarts with every answer).
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_kind = ""
+        self._timer_at = 0.0  # when the pending timer fires (loop time)
+        self._timer_kind = ""  # the clock running, "" when none
+        self._deadline = 0.0
         self._body = bytearray()
         self._body_keep = True
         self._body_got = 0
@@ -215,7 +220,7 @@ class FeedConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._disarm()
+        self._disarm(cancel=True)
         self.writable.set()
         if self._counted and self.client is not None and self.per_client is not None:
             self._counted = False
@@ -276,7 +281,7 @@ class FeedConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.close()
         self.closed = True
-        self._disarm()
+        self._disarm(cancel=True)
 
     def drain(self) -> None:
         """Graceful stop: an idle connection closes now, one being served after its answer."""
@@ -290,7 +295,7 @@ class FeedConnection(asyncio.Protocol):
             self.transport.write(render(error_reply(error), keep_alive=False))
             self.transport.close()
         self.closed = True
-        self._disarm()
+        self._disarm(cancel=True)
 
     # -- internals ------------------------------------------------------------------------
     def _next(self) -> None:
@@ -307,7 +312,7 @@ class FeedConnection(asyncio.Protocol):
                 if self._timer_kind != "header":
                     # A head has started: the slow-client clock runs from its first byte, not its last.
                     self._arm(self.limits.header_timeout_s, "header")
-            elif self._timer is None:
+            elif not self._timer_kind:
                 self._arm(self.limits.keepalive_timeout_s)  # idle (after writing resumed)
             return
         head, oversized = item
@@ -338,18 +343,36 @@ class FeedConnection(asyncio.Protocol):
                 self._paused = False
 
     def _arm(self, seconds: float, kind: str = "idle") -> None:
-        self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._timeout, kind)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + seconds
         self._timer_kind = kind
-
-    def _disarm(self) -> None:
+        if self._timer is not None and self._timer_at <= self._deadline:
+            return  # the pending timer fires first and waits out the rest
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+        self._timer_at = self._deadline
+        self._timer = loop.call_at(self._deadline, self._fire)
+
+    def _disarm(self, *, cancel: bool = False) -> None:
+        """Stop the clock; the timer stays pending (it finds nothing to do) unless the connection is done."""
         self._timer_kind = ""
+        if cancel and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        kind = self._timer_kind
+        if not kind:
+            return
+        loop = asyncio.get_running_loop()
+        if self._deadline > loop.time():  # armed again since this timer was set
+            self._timer_at = self._deadline
+            self._timer = loop.call_at(self._deadline, self._fire)
+            return
+        self._timeout(kind)
 
     def _timeout(self, kind: str) -> None:
-        self._timer = None
         self._timer_kind = ""
         if self.transport is None or self.closed:
             return

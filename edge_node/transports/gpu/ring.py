@@ -144,6 +144,27 @@ class HostRing:
         self._move(slot, L.S_PROCESSING, L.S_RESULT_READY)  # after the result: the state publishes it
         self.push(L.Q_RESPONSE, slot)
 
+    def complete_many(self, slots: Sequence[int], *, tokens: Sequence[int], batch_sizes: Sequence[int],
+                      inference_us: Sequence[int], samples: np.ndarray, infer_marks: Sequence[tuple[float, float]]
+                      ) -> None:
+        """:meth:`complete` for a burst's slots: each field written once for all of them (numpy), then the states
+        that publish them, then the response queue. ``samples`` is (len(slots), 3) float32."""
+        v = self.v
+        idx = np.asarray(slots, dtype=np.intp)
+        wrong = idx[v.state[idx] != L.S_PROCESSING]
+        if wrong.size:
+            cur = int(v.state[wrong[0]])
+            raise RingStateError(f"slot {int(wrong[0])} is {L.STATE_NAMES[cur] if cur < 5 else cur}, "
+                                 f"expected {L.STATE_NAMES[L.S_PROCESSING]}")
+        v.param[idx, L.J_TOKENS] = tokens
+        v.param[idx, L.J_BATCH] = batch_sizes
+        v.param[idx, L.J_INFER_US] = np.minimum(np.asarray(inference_us, dtype=np.int64), 2**31 - 1)
+        v.sample[idx, :3] = samples
+        v.ts[idx, 4:6] = (np.asarray(infer_marks, dtype=np.float64).reshape(len(idx), 2) * 1e9).astype(np.uint64)
+        v.state[idx] = L.S_RESULT_READY  # after the results: the states publish them (x86 keeps stores in order)
+        for slot in slots:
+            self.push(L.Q_RESPONSE, slot)
+
     def abort(self, slot: int) -> None:
         """PROCESSING → FREE: the request failed on the CPU and was answered there."""
         self._move(slot, L.S_PROCESSING, L.S_FREE)

@@ -71,7 +71,7 @@ from ._head import hot_headers, needs_cpu_query, parse_head
 from .feed import FeedConnection, FeedLimits
 
 if TYPE_CHECKING:
-    from edge_node.pipeline import EdgePipeline
+    from edge_node.pipeline import EdgePipeline, GazsiResult
     from edge_node.transports.base import TransportHost
     from gazsi_cluster.config import LimitsConfig, Settings
 
@@ -478,7 +478,7 @@ class GpuDataplane:
     async def _infer(self, hot: list[tuple[int, FeedConnection, HttpRequest, str, bool]]) -> None:
         outcomes = await self.pipeline.handle_inference_many([h[2] for h in hot], [h[3] for h in hot])
         ring = self.ring
-        built = 0
+        done: list[tuple[int, GazsiResult]] = []
         for (slot, conn, request, _, keep), outcome in zip(hot, outcomes, strict=True):
             if isinstance(outcome, HttpReply) or conn.closed:  # an error or a peer's answer; or nobody to send to
                 ring.abort(slot)
@@ -486,13 +486,15 @@ class GpuDataplane:
                 if isinstance(outcome, HttpReply):
                     await self._send(conn, request, outcome, keep)
                 continue
-            ring.complete(slot, tokens=outcome.tokens, batch_size=outcome.batch_size,
-                          inference_us=outcome.inference_us, sample=outcome.sample.tolist(),
-                          infer_marks=outcome.marks)
             self._slot_conn[slot] = (conn, keep, outcome.headers)
-            built += 1
-        if built:
-            self._to_build += built
+            done.append((slot, outcome))
+        if done:
+            ring.complete_many([d[0] for d in done], tokens=[d[1].tokens for d in done],
+                               batch_sizes=[d[1].batch_size for d in done],
+                               inference_us=[d[1].inference_us for d in done],
+                               samples=np.stack([d[1].sample for d in done]),
+                               infer_marks=[d[1].marks for d in done])
+            self._to_build += len(done)
             self._build.set()
 
     def _reclaim(self, hot: list[tuple[int, FeedConnection, HttpRequest, str, bool]], task: asyncio.Task[None]) -> None:
@@ -505,6 +507,7 @@ class GpuDataplane:
             log.error("GPU data plane: a burst's pipeline failed", exc_info=task.exception())
         for slot, conn, _, _, _ in hot:
             if int(self.ring.v.state[slot]) == L.S_PROCESSING:
+                self._slot_conn.pop(slot, None)
                 self.ring.abort(slot)
                 self._slot_freed()
                 if failed:
