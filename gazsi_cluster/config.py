@@ -396,6 +396,11 @@ class EdgeConfig(_Section):
         0.5, gt=0, le=60, description="gpu data plane: how long an /inference request may wait for a free ring "
         "slot before it gets 429 with Retry-After (limits.retry_after_s).",
     )
+    gpu_poll_us: int = Field(
+        0, ge=0, le=1000, description="gpu data plane: how long (µs) a feed polls a small burst's or build's "
+        "GPU work on its event loop before handing the wait to a thread; a thread hand-off adds tens of "
+        "microseconds each way, which is most of a small burst's time at low load. 0 = never poll.",
+    )
     region: str = Field("local", description="Region this point of presence serves.")
     zone: str = Field("local-a", description="Zone inside the region.")
     timing_header: bool = Field(True, description="Honour X-Gazsi-Timing: 1 with a per-stage timing header.")

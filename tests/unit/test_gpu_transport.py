@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,38 @@ def test_the_stage_table_keeps_the_most_recent_slots_and_their_release_mark(monk
     # T0->T1 of slot k is (k+1) us; the last 100 are k = 150..249: nearest ranks 49 and 98 of 151..250.
     assert stages["T0-T1 head to burst launch"] == {"p50": 200.0, "p99": 249.0}
     assert 0 <= stages["T7-T8 release"]["p50"] < 1_000_000
+
+
+class _Event:
+    """A GPU event that completes after ``polls`` queries (or when waited for)."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    @property
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+    def synchronize(self) -> None:
+        self.polls = -1
+
+
+async def test_a_small_burst_polls_on_the_loop_before_a_thread_waits() -> None:
+    from edge_node.transports.gpu import server
+    from edge_node.transports.gpu.device import Launched
+
+    plane = server.GpuDataplane(SimpleNamespace(), poll_us=200_000)  # type: ignore[arg-type]
+    plane._waiter = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        # Small: polled on the loop until done (no thread); large: after one loop turn, waited for in the thread.
+        assert await plane._gpu(Launched(lambda: "small", _Event(polls=50)), small=True) == "small"  # type: ignore[arg-type]
+        assert plane.stats["gpu_waits_off_loop"] == 0
+        assert await plane._gpu(Launched(lambda: "large", _Event(polls=50))) == "large"  # type: ignore[arg-type]
+        assert plane.stats["gpu_waits_off_loop"] == 1
+        # The poll is bounded: past gpu_poll_us the wait still goes to the thread.
+        plane.poll_ns = 1_000
+        assert await plane._gpu(Launched(lambda: "slow", _Event(polls=10**9)), small=True) == "slow"  # type: ignore[arg-type]
+        assert plane.stats["gpu_waits_off_loop"] == 2 and plane.stats["gpu_waits"] == 3
+    finally:
+        plane._waiter.shutdown()

@@ -88,6 +88,7 @@ _RECENT_MARKS = 20_000  # slots whose T0..T8 stage_summary reads
 _STAGES = (("T0-T1 head to burst launch", 0, 1), ("T1-T3 admit kernel to CPU take", 1, 3),
            ("T3-T4 wait for a batch", 3, 4), ("T4-T5 inference", 4, 5), ("T5-T7 build kernel and write", 5, 7),
            ("T7-T8 release", 7, 8), ("T2-T6 on the GPU clock: ready to built", 2, 6), ("T0-T8 total (CPU)", 0, 8))
+_SMALL = 4  # heads in a burst (results in a build) that gpu_poll_us polls for: the low-load regime
 _NO_SLOT = -2  # gz_ring_admit's R_SLOT when every ring slot is taken (-3: a queue misbehaved, -1: not admitted)
 _PAGES = {L.ROUTE_INDEX: "/index.", L.ROUTE_CONTACTS: "/contacts."}
 _Burst = list[tuple[FeedConnection, bytes, int]]
@@ -141,13 +142,14 @@ class GpuDataplane:
     """
 
     def __init__(self, pipeline: EdgePipeline, *, capacity: int = 1024, max_pending: int = 4096,
-                 slot_wait_s: float = 0.5, retry_after_s: float = 1.0,
+                 slot_wait_s: float = 0.5, retry_after_s: float = 1.0, poll_us: int = 0,
                  limits: FeedLimits | None = None, device: Callable[[int], HttpDevice] | None = None) -> None:
         self.pipeline = pipeline
         self.capacity = capacity
         self.max_pending = max_pending  # heads waiting for a burst or a ring slot, together
         self.slot_wait_s = slot_wait_s
         self.retry_after_s = retry_after_s
+        self.poll_ns = poll_us * 1000  # edge.gpu_poll_us: a small burst's GPU wait polled on the loop first
         self.limits = limits or FeedLimits()
         self.per_client: Counter[str] = Counter()
         self.connections: weakref.WeakSet[FeedConnection] = weakref.WeakSet()
@@ -266,15 +268,21 @@ class GpuDataplane:
             self.device.close()
             self.device = None
 
-    async def _gpu(self, work: Launched[_T]) -> _T:
+    async def _gpu(self, work: Launched[_T], *, small: bool = False) -> _T:
         """The result of launched device work, waited for without holding the event loop.
 
         One turn of the loop first (at load the GPU is usually done by then, and a thread hand-off is
-        tens of microseconds); then the wait moves to a thread, where a blocking-sync event sleeps.
+        tens of microseconds); for a ``small`` burst or build (low load, where that hand-off is most of the
+        wait) a poll of at most ``edge.gpu_poll_us`` on the loop; then the wait moves to a thread, where a
+        blocking-sync event sleeps.
         """
         self.stats["gpu_waits"] += 1
         if not work.done():
             await asyncio.sleep(0)
+            if small and self.poll_ns and not work.done():
+                until = time.perf_counter_ns() + self.poll_ns
+                while not work.done() and time.perf_counter_ns() < until:
+                    pass
             if not work.done():
                 if self._waiter is None:  # stopped meanwhile: still never read a result the GPU has not written
                     work.wait()
@@ -365,7 +373,8 @@ class GpuDataplane:
         t1 = time.perf_counter_ns()
         self._bursting = len(burst)
         try:
-            rows = await self._gpu(self.device.launch_parse_admit([head for _, head, _ in burst]))
+            rows = await self._gpu(self.device.launch_parse_admit([head for _, head, _ in burst]),
+                                   small=len(burst) <= _SMALL)
         finally:
             self._bursting = 0
         self.stats["bursts"] += 1
@@ -576,7 +585,7 @@ class GpuDataplane:
             if not k or self.device is None:
                 continue
             # Results finishing while this build is on the GPU wait for the next one (they set _build).
-            built = await self._gpu(self.device.launch_build_ring(k))
+            built = await self._gpu(self.device.launch_build_ring(k), small=k <= _SMALL)
             self.stats["built"] += k
             self.stats["builds"] += 1
             for slot in built:
@@ -636,7 +645,7 @@ class GpuTransport:
         assert node.pipeline is not None
         self.plane = GpuDataplane(node.pipeline, limits=FeedLimits.from_config(node.settings.limits),
                                   max_pending=edge.gpu_queue_capacity, slot_wait_s=edge.gpu_slot_wait_s,
-                                  retry_after_s=node.settings.limits.retry_after_s,
+                                  retry_after_s=node.settings.limits.retry_after_s, poll_us=edge.gpu_poll_us,
                                   device=self._device or cuda_device(edge.gpu_sync))
         self.plane.start()
         await self.plane.serve(edge.host, edge.port)

@@ -75,7 +75,7 @@ class GpuWorkerTransport(WorkerTransport):
         assert node.pipeline is not None
         self.plane = GpuDataplane(node.pipeline, limits=FeedLimits.from_config(self._per_worker(node.settings.limits)),
                                   max_pending=edge.gpu_queue_capacity, slot_wait_s=edge.gpu_slot_wait_s,
-                                  retry_after_s=node.settings.limits.retry_after_s,
+                                  retry_after_s=node.settings.limits.retry_after_s, poll_us=edge.gpu_poll_us,
                                   device=self._device or cuda_device(edge.gpu_sync))
         self.plane.start()
         await self.plane.serve(sock=sock)
