@@ -88,7 +88,10 @@ def main() -> int:
             spy = subprocess.Popen([pyspy, "record", "-d", str(round(args.duration)), "-r", "200", "--nonblocking",
                                     "-f", "raw", "-o", str(raw), "-p", str(feed)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = psutil.Process(feed)
+            cpu0 = sum(proc.cpu_times()[:2])
             load = wrk.run(url, "inference", args.conns, args.duration + 1)
+            cpu_s = sum(proc.cpu_times()[:2]) - cpu0
             spy.wait(60)
         finally:
             plane.stop()
@@ -98,10 +101,16 @@ def main() -> int:
                               "conns": args.conns, "rps": round(load["rps"], 1), "errors": load["errors"],
                               "p50_ms": load["p50"] / 1e3, "samples": total, "kernel_reference_pct": kernels,
                               "inclusive_pct": top}
+    if load["requests"]:
+        # The feed's CPU per request, and the part of it a GPU node keeps (without the kernels' references).
+        per_req = cpu_s * 1e6 / load["requests"] * (args.feeds if args.feeds > 1 else 1)
+        result["feed_cpu_us_per_req"] = round(per_req, 1)
+        result["feed_cpu_us_per_req_without_kernels"] = round(per_req * (1 - kernels / 100), 1)
     (args.out / "gpu_feed_profile.json").write_text(json.dumps(result, indent=1))
     print(f"{result['date']}: {args.feeds} feed(s), c={args.conns}: {load['rps']:.0f} req/s, "
           f"p50 {load['p50'] / 1e3:.2f} ms, errors {load['errors']}; py-spy {total} samples of one feed, "
-          f"{kernels:.1f} % in the kernels' CPU references")
+          f"{kernels:.1f} % in the kernels' CPU references; the feed's CPU {result.get('feed_cpu_us_per_req')} us a "
+          f"request, {result.get('feed_cpu_us_per_req_without_kernels')} without them")
     print("\n| function (inclusive) | % of the feed's samples |\n|---|---|")
     for name, pct in top[:40]:
         print(f"| {name}{' (a kernel on a GPU)' if name in KERNEL_REFERENCES else ''} | {pct} |")
