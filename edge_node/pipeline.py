@@ -353,21 +353,23 @@ class EdgePipeline:
                 out[i] = exc
             live = []
         metered = not isinstance(self.authorizer, AllowAll)
-        if metered and live:
-            reserved = []
-            for i in live:
-                try:
-                    await self.authorizer.reserve_tokens(_known(principals[i]), model=model, tokens=len(seqs[i]))
-                except Exception as exc:
-                    out[i] = exc
-                else:
-                    reserved.append(i)
-            live = reserved
-        by_policy: dict[bool, list[int]] = {}
-        for i in live:
-            by_policy.setdefault(_use_cache(requests[i]), []).append(i)
-        unsettled = set(live)  # reserved, neither billed nor given back yet
+        unsettled: set[int] = set()  # reserved, neither billed nor given back yet
         try:
+            if metered and live:
+                reserved = []
+                for i in live:
+                    try:
+                        await self.authorizer.reserve_tokens(_known(principals[i]), model=model,
+                                                             tokens=len(seqs[i]))
+                    except Exception as exc:
+                        out[i] = exc
+                    else:
+                        reserved.append(i)
+                        unsettled.add(i)
+                live = reserved
+            by_policy: dict[bool, list[int]] = {}
+            for i in live:
+                by_policy.setdefault(_use_cache(requests[i]), []).append(i)
             for use_cache, idx in by_policy.items():
                 await self._embed_many(requests, texts, works, principals, seqs, idx, use_cache, out, unsettled)
         finally:
