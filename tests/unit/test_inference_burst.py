@@ -71,6 +71,7 @@ class _Ledger:
 
     def __init__(self) -> None:
         self.allow = AllowAll()
+        self.gate: asyncio.Event | None = None  # holds the second reservation
         self.reserved: list[int] = []
         self.usage: list[tuple[int, int, int, int]] = []  # tokens, reserved, cached, requests
 
@@ -79,6 +80,8 @@ class _Ledger:
         return await self.allow.authorize(authorization, model=model, admin=admin)
 
     async def reserve_tokens(self, principal: Principal, *, model: str, tokens: int) -> None:
+        if self.gate is not None and self.reserved:
+            await self.gate.wait()
         self.reserved.append(tokens)
 
     async def record_usage(self, principal: Principal, *, model: str, tokens: int, reserved: int = 0,
@@ -189,3 +192,20 @@ async def test_a_cancelled_burst_gives_back_its_reservations() -> None:
         await task
     assert len(ledger.reserved) == 2
     assert sorted(u[1] for u in ledger.usage) == sorted(ledger.reserved) and all(u[0] == 0 for u in ledger.usage)
+
+
+async def test_a_burst_cancelled_between_reservations_gives_back_those_made() -> None:
+    embedder, ledger = _Recording(), _Ledger()
+    ledger.gate = asyncio.Event()
+    pipeline = _pipeline(embedder, ledger)
+    task = asyncio.create_task(pipeline.handle_inference_many([_get(), _get()], ["apple", "pear"]))
+    for _ in range(100):  # until the second reservation waits
+        if ledger.reserved:
+            break
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ledger.reserved == [len(_ids(pipeline, "apple"))] and not embedder.calls
+    assert ledger.usage == [(0, ledger.reserved[0], 0, 0)]
+
