@@ -82,8 +82,8 @@ class InputRules:
         """Per text, what ``tokenize(text)`` gives: its one id array, or the refusal it raises.
 
         For a transport that serves many single-text requests at once (the GPU data plane's bursts): one
-        tokenizer call for all of them (Rust's batch encoder) instead of one per request, and each request
-        still gets its own refusal.
+        tokenizer call for all of them (:meth:`TextTokenizer.encode_each`) instead of one per request, and
+        each request still gets its own refusal.
         """
         out: list[np.ndarray | GazsiError] = []
         good: list[int] = []
