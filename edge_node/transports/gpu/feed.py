@@ -97,6 +97,8 @@ class HeadFramer:
         A bare CR or LF before any terminator hands on what came up to it (no parser accepts it: 400
         at once, as the CPU listeners answer, instead of a wait for a terminator that may never come).
         """
+        if not self._buf:  # after every answer to a client that does not pipeline: nothing to look through
+            return None
         end = self._buf.find(_TERM, 0, self.max_head)
         if end >= 0:
             head = bytes(self._buf[: end + 4])
