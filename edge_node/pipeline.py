@@ -135,6 +135,12 @@ def _unquote(value: str) -> str:
     return unquote(value, errors="replace")
 
 
+def _check_d(text: str | None) -> str:
+    if not text:
+        raise InvalidRequest("query parameter d must hold the text to embed", param="d")
+    return text
+
+
 def _known(principal: Principal | None) -> Principal:
     assert principal is not None  # set for every request still live after authorisation
     return principal
@@ -253,21 +259,31 @@ class EdgePipeline:
         try:
             done = await self.embedder.embed(seqs, timing, use_cache=_use_cache(request))
         except BaseException as exc:
-            if isinstance(exc, Overloaded):
-                # A full queue answers with the configured Retry-After (limits.retry_after_s, live on
-                # reconfigure), whichever embedder refused: this process's batcher or the fast front's ring.
-                exc.retry_after = self.rules.limits.retry_after_s
-            # Nothing was served: the reservation goes back and no request is billed.
+            self._embed_refused(exc)
             if metered:
-                await asyncio.shield(self.authorizer.record_usage(principal, model=model, tokens=0,
-                                                                  reserved=tokens, requests=0))
+                await self._give_back(principal, tokens)
             raise
         # Bill what ran; inputs served from the response cache are counted, not billed.
         billed = tokens if done.computed_tokens is None else done.computed_tokens
         if metered:
-            await self.authorizer.record_usage(principal, model=model, tokens=billed, reserved=tokens,
-                                               cached_tokens=tokens - billed)
+            await self._bill(principal, tokens, billed)
         return done.vectors, tokens, done.batch_size, done.inference_us, done.cache
+
+    def _embed_refused(self, exc: BaseException) -> None:
+        if isinstance(exc, Overloaded):
+            # A full queue answers with the configured Retry-After (limits.retry_after_s, live on
+            # reconfigure), whichever embedder refused: this process's batcher or the fast front's ring.
+            exc.retry_after = self.rules.limits.retry_after_s
+
+    async def _give_back(self, principal: Principal, tokens: int) -> None:
+        """Nothing was served: the reservation goes back and no request is billed (even if cancelled meanwhile)."""
+        await asyncio.shield(self.authorizer.record_usage(principal, model=self.model.model_id, tokens=0,
+                                                          reserved=tokens, requests=0))
+
+    async def _bill(self, principal: Principal, tokens: int, billed: int) -> None:
+        """Settle a served request's reservation of ``tokens``: ``billed`` computed, the rest from the cache."""
+        await self.authorizer.record_usage(principal, model=self.model.model_id, tokens=billed, reserved=tokens,
+                                           cached_tokens=tokens - billed)
 
     def _headers(self, request: HttpRequest, principal: Principal, work: _Work, cache: str | None,
                  tokens: int, inputs: int) -> list[tuple[str, str]]:
@@ -329,8 +345,7 @@ class EdgePipeline:
         for i, request in enumerate(requests):
             works[i].model = model
             try:
-                if not texts[i]:
-                    raise InvalidRequest("query parameter d must hold the text to embed", param="d")
+                _check_d(texts[i])
                 principals[i] = await self._authorize(request, model)
             except Exception as exc:
                 out[i] = exc
@@ -375,8 +390,7 @@ class EdgePipeline:
         finally:
             if metered and unsettled:  # cancelled on the way: nothing was served, the reservations go back
                 for i in unsettled:
-                    await asyncio.shield(self.authorizer.record_usage(
-                        _known(principals[i]), model=model, tokens=0, reserved=len(seqs[i]), requests=0))
+                    await self._give_back(_known(principals[i]), len(seqs[i]))
         return await self._settle(requests, works, out)
 
     async def _embed_many(self, requests: Sequence[HttpRequest], texts: Sequence[str | None], works: list[_Work],
@@ -386,20 +400,17 @@ class EdgePipeline:
         """The embed stage of :meth:`handle_inference_many` for the requests ``idx`` (one cache policy): one
         embed call, then per request its usage (cache hits and inputs another request computed are not billed,
         as :meth:`_embed` bills), headers and result."""
-        model = self.model.model_id
         metered = not isinstance(self.authorizer, AllowAll)
         timing = Timing(received=min(works[i].timing.received for i in idx))
         try:
             done = await self.embedder.embed([seqs[i] for i in idx], timing, use_cache=use_cache)
         except Exception as exc:
-            if isinstance(exc, Overloaded):
-                exc.retry_after = self.rules.limits.retry_after_s
+            self._embed_refused(exc)
             for i in idx:
                 out[i] = exc
                 if metered:
                     unsettled.discard(i)
-                    await asyncio.shield(self.authorizer.record_usage(
-                        _known(principals[i]), model=model, tokens=0, reserved=len(seqs[i]), requests=0))
+                    await self._give_back(_known(principals[i]), len(seqs[i]))
             return
         for k, i in enumerate(idx):
             request, work, principal = requests[i], works[i], _known(principals[i])
@@ -411,8 +422,7 @@ class EdgePipeline:
             billed = tokens if done.ran is None or done.ran[k] else 0
             if metered:
                 unsettled.discard(i)
-                await self.authorizer.record_usage(principal, model=model, tokens=billed, reserved=tokens,
-                                                   cached_tokens=tokens - billed)
+                await self._bill(principal, tokens, billed)
             headers = self._headers(request, principal, work, cache, tokens, 1)
             out[i] = GazsiResult(texts[i] or "", tokens, done.vectors[k][:3], done.inference_us, done.batch_size, headers,
                                  (timing.infer_start, timing.infer_end))
@@ -441,8 +451,7 @@ class EdgePipeline:
         return replies
 
     async def _gazsi(self, request: HttpRequest, work: _Work, text: str | None) -> GazsiResult:
-        if not text:
-            raise InvalidRequest("query parameter d must hold the text to embed", param="d")
+        text = _check_d(text)
         principal = await self._authorize(request, self.model.model_id)
         self.embedder.check_ready()
         seqs = await self.rules.tokenize(text)

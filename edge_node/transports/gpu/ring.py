@@ -136,13 +136,8 @@ class HostRing:
     def complete(self, slot: int, *, tokens: int, batch_size: int, inference_us: int, sample: Sequence[float],
                  infer_marks: tuple[float, float] = (0.0, 0.0)) -> None:
         """Write the result, PROCESSING → RESULT_READY, and queue the slot for the builder."""
-        p = self.v.param[slot]
-        p[L.J_TOKENS], p[L.J_BATCH], p[L.J_INFER_US] = tokens, batch_size, min(inference_us, 2**31 - 1)
-        self.v.sample[slot, :3] = np.asarray(sample[:3], dtype=np.float32)
-        self.stamp(slot, 4, int(infer_marks[0] * 1e9))
-        self.stamp(slot, 5, int(infer_marks[1] * 1e9))
-        self._move(slot, L.S_PROCESSING, L.S_RESULT_READY)  # after the result: the state publishes it
-        self.push(L.Q_RESPONSE, slot)
+        self.complete_many([slot], tokens=[tokens], batch_sizes=[batch_size], inference_us=[inference_us],
+                           samples=np.asarray([sample[:3]], dtype=np.float32), infer_marks=[infer_marks])
 
     def complete_many(self, slots: Sequence[int], *, tokens: Sequence[int], batch_sizes: Sequence[int],
                       inference_us: Sequence[int], samples: np.ndarray, infer_marks: Sequence[tuple[float, float]]
