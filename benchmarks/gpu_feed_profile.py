@@ -103,7 +103,7 @@ def main() -> int:
                               "inclusive_pct": top}
     if load["requests"]:
         # The feed's CPU per request, and the part of it a GPU node keeps (without the kernels' references).
-        per_req = cpu_s * 1e6 / load["requests"] * (args.feeds if args.feeds > 1 else 1)
+        per_req = cpu_s * 1e6 / load["requests"] * args.feeds
         result["feed_cpu_us_per_req"] = round(per_req, 1)
         result["feed_cpu_us_per_req_without_kernels"] = round(per_req * (1 - kernels / 100), 1)
     (args.out / "gpu_feed_profile.json").write_text(json.dumps(result, indent=1))
