@@ -401,6 +401,11 @@ class EdgeConfig(_Section):
         "GPU work on its event loop before handing the wait to a thread; a thread hand-off adds tens of "
         "microseconds each way, which is most of a small burst's time at low load. 0 = never poll.",
     )
+    gpu_build: Literal["gpu", "cpu"] = Field(
+        "gpu", description="gpu data plane: who writes a hot /inference answer: gpu = the build kernel from the "
+        "ring slot (GAZSI), cpu = the feed, with the renderer every transport uses, right after the pipeline "
+        "(one GPU round trip per request instead of two).",
+    )
     region: str = Field("local", description="Region this point of presence serves.")
     zone: str = Field("local-a", description="Zone inside the region.")
     timing_header: bool = Field(True, description="Honour X-Gazsi-Timing: 1 with a per-stage timing header.")

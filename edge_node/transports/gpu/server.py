@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from edge_node.encode import inference_body
 from gazsi_cluster.errors import (
     ConfigError,
     EngineError,
@@ -93,6 +94,12 @@ _NO_SLOT = -2  # gz_ring_admit's R_SLOT when every ring slot is taken (-3: a que
 _PAGES = {L.ROUTE_INDEX: "/index.", L.ROUTE_CONTACTS: "/contacts."}
 _Burst = list[tuple[FeedConnection, bytes, int]]
 _T = TypeVar("_T")
+
+
+def _wait_ns(work: Launched[Any]) -> int:
+    """On a waiter thread: block until ``work`` is done; when it was seen done (``perf_counter_ns``)."""
+    work.wait()
+    return time.perf_counter_ns()
 
 
 def error_response(exc: BaseException, keep_alive: bool) -> bytes:
@@ -142,7 +149,7 @@ class GpuDataplane:
     """
 
     def __init__(self, pipeline: EdgePipeline, *, capacity: int = 1024, max_pending: int = 4096,
-                 slot_wait_s: float = 0.5, retry_after_s: float = 1.0, poll_us: int = 0,
+                 slot_wait_s: float = 0.5, retry_after_s: float = 1.0, poll_us: int = 0, build: str = "gpu",
                  limits: FeedLimits | None = None, device: Callable[[int], HttpDevice] | None = None) -> None:
         self.pipeline = pipeline
         self.capacity = capacity
@@ -150,6 +157,7 @@ class GpuDataplane:
         self.slot_wait_s = slot_wait_s
         self.retry_after_s = retry_after_s
         self.poll_ns = poll_us * 1000  # edge.gpu_poll_us: a small burst's GPU wait polled on the loop first
+        self.cpu_build = build == "cpu"  # edge.gpu_build: /inference answers rendered here, no build kernel
         self.limits = limits or FeedLimits()
         self.per_client: Counter[str] = Counter()
         self.connections: weakref.WeakSet[FeedConnection] = weakref.WeakSet()
@@ -172,12 +180,22 @@ class GpuDataplane:
         self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
         self.server: asyncio.Server | None = None
         self.stats = {"bursts": 0, "requests": 0, "ring_full": 0, "waited": 0, "expired": 0, "queue_full": 0,
-                      "built": 0, "builds": 0, "cpu": 0, "gpu_waits": 0, "gpu_waits_off_loop": 0}
+                      "built": 0, "builds": 0, "cpu": 0, "gpu_waits": 0, "gpu_waits_off_loop": 0,
+                      "gpu_wait_us": 0, "gpu_resume_us": 0}
         # T0..T8 of the most recent slots, a preallocated circle: the per-stage table of the benchmarks
         # (``stage_summary``, sent to the node each second). A deque of per-slot copies cost 22 ms a second
         # to stack (2 % of a busy feed's core on the 2-core machine, py-spy).
         self._marks = np.zeros((_RECENT_MARKS, 9), dtype=np.int64)
         self._marks_n = 0
+
+    @classmethod
+    def from_settings(cls, pipeline: EdgePipeline, settings: Settings, limits: LimitsConfig,
+                      device: Callable[[int], HttpDevice] | None = None) -> GpuDataplane:
+        """The plane as ``settings.edge`` declares it, the listener limits ``limits`` (a feed's share)."""
+        edge = settings.edge
+        return cls(pipeline, limits=FeedLimits.from_config(limits), max_pending=edge.gpu_queue_capacity,
+                   slot_wait_s=edge.gpu_slot_wait_s, retry_after_s=settings.limits.retry_after_s,
+                   poll_us=edge.gpu_poll_us, build=edge.gpu_build, device=device or cuda_device(edge.gpu_sync))
 
     def stage_summary(self) -> dict[str, dict[str, float]]:
         """p50/p99 µs of each ring stage over the recent slots (the ring's own stamps, GAZSI's T0..T8).
@@ -200,15 +218,16 @@ class GpuDataplane:
         out["slots"] = {"n": float(len(ts))}
         return out
 
-    def _finish(self, slot: int) -> None:
-        """T7, then free the slot (T8), keeping its marks for :meth:`stage_summary`: copied before the release,
-        since a free slot may be admitted and stamped again by the GPU; T8 after it (only the CPU writes T8)."""
+    def _finish(self, slot: int, free: Callable[[int], None] | None = None) -> None:
+        """T7, then free the slot (T8; ``ring.release`` unless ``free`` says how), keeping its marks for
+        :meth:`stage_summary`: copied before the release, since a free slot may be admitted and stamped again by
+        the GPU; T8 after it (only the CPU writes T8)."""
         ring = self.ring
         ring.stamp(slot, 7)
         i = self._marks_n % len(self._marks)
         self._marks_n += 1
         self._marks[i] = ring.v.ts[slot]
-        ring.release(slot)
+        (free or ring.release)(slot)
         self._marks[i, 8] = ring.v.ts[slot, 8]
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -276,7 +295,9 @@ class GpuDataplane:
         wait) a poll of at most ``edge.gpu_poll_us`` on the loop; then the wait moves to a thread, where a
         blocking-sync event sleeps.
         """
-        self.stats["gpu_waits"] += 1
+        stats = self.stats
+        stats["gpu_waits"] += 1
+        t0 = time.perf_counter_ns()
         if not work.done():
             await asyncio.sleep(0)
             if small and self.poll_ns and not work.done():
@@ -287,8 +308,11 @@ class GpuDataplane:
                 if self._waiter is None:  # stopped meanwhile: still never read a result the GPU has not written
                     work.wait()
                 else:
-                    self.stats["gpu_waits_off_loop"] += 1
-                    await asyncio.get_running_loop().run_in_executor(self._waiter, work.wait)
+                    stats["gpu_waits_off_loop"] += 1
+                    done_ns = await asyncio.get_running_loop().run_in_executor(self._waiter, _wait_ns, work)
+                    # From the thread seeing the GPU done to this coroutine running again: the hand-off's cost.
+                    stats["gpu_resume_us"] += (time.perf_counter_ns() - done_ns) // 1000
+        stats["gpu_wait_us"] += (time.perf_counter_ns() - t0) // 1000
         return work.result()
 
     # -- the feed's sink ------------------------------------------------------------------
@@ -496,8 +520,14 @@ class GpuDataplane:
                 if isinstance(outcome, HttpReply):
                     await self._send(conn, request, outcome, keep)
                 continue
+            if self.cpu_build:
+                self._answer_on_cpu(slot, conn, request, outcome, keep)
+                continue
             self._slot_conn[slot] = (conn, keep, outcome.headers)
             done.append((slot, outcome))
+        if self.cpu_build:
+            self._slot_freed()
+            return
         if done:
             ring.complete_many([d[0] for d in done], tokens=[d[1].tokens for d in done],
                                batch_sizes=[d[1].batch_size for d in done],
@@ -506,6 +536,18 @@ class GpuDataplane:
                                infer_marks=[d[1].marks for d in done])
             self._to_build += len(done)
             self._build.set()
+
+    def _answer_on_cpu(self, slot: int, conn: FeedConnection, request: HttpRequest, r: GazsiResult,
+                       keep: bool) -> None:
+        """``edge.gpu_build: cpu``: the pipeline's renderer writes the response (the bytes every other transport
+        sends) and the slot is freed here, without the build kernel's GPU round trip; T4/T5 and T7 still stamped."""
+        ring = self.ring
+        ring.v.ts[slot, 4:7] = (int(r.marks[0] * 1e9), int(r.marks[1] * 1e9), 0)  # T6 is the build kernel's: none
+        reply = HttpReply(200, inference_body(r.text, r.tokens, r.sample, r.inference_us, r.batch_size), r.headers)
+        keep = keep and not conn.draining
+        head = render_head(reply, keep_alive=keep)
+        conn.respond(head if request.method == "HEAD" else head + reply.body, keep)
+        self._finish(slot, ring.abort)
 
     def _reclaim(self, hot: list[tuple[int, FeedConnection, HttpRequest, str, bool]], task: asyncio.Task[None]) -> None:
         # Cancelled (stop) or failed (a bug) before its slots were completed: slots still PROCESSING go back,
@@ -643,10 +685,7 @@ class GpuTransport:
     async def start(self) -> None:
         node, edge = self.node, self.node.settings.edge
         assert node.pipeline is not None
-        self.plane = GpuDataplane(node.pipeline, limits=FeedLimits.from_config(node.settings.limits),
-                                  max_pending=edge.gpu_queue_capacity, slot_wait_s=edge.gpu_slot_wait_s,
-                                  retry_after_s=node.settings.limits.retry_after_s, poll_us=edge.gpu_poll_us,
-                                  device=self._device or cuda_device(edge.gpu_sync))
+        self.plane = GpuDataplane.from_settings(node.pipeline, node.settings, node.settings.limits, self._device)
         self.plane.start()
         await self.plane.serve(edge.host, edge.port)
         self.port = self.plane.port

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from edge_node.transports.fast.channel import send_message
 from edge_node.transports.fast.worker import WorkerHandoff, WorkerTransport
 from edge_node.transports.gpu.feed import FeedLimits
-from edge_node.transports.gpu.server import GpuDataplane, cuda_device, refuse_tls
+from edge_node.transports.gpu.server import GpuDataplane, refuse_tls
 
 if TYPE_CHECKING:
     from edge_node.transports.base import TransportHost
@@ -71,12 +71,10 @@ class GpuWorkerTransport(WorkerTransport):
                                                           "gpu_stages_us": self.plane.stage_summary()})
 
     async def _listen(self, sock: socket.socket) -> None:
-        node, edge = self.node, self.node.settings.edge
+        node = self.node
         assert node.pipeline is not None
-        self.plane = GpuDataplane(node.pipeline, limits=FeedLimits.from_config(self._per_worker(node.settings.limits)),
-                                  max_pending=edge.gpu_queue_capacity, slot_wait_s=edge.gpu_slot_wait_s,
-                                  retry_after_s=node.settings.limits.retry_after_s, poll_us=edge.gpu_poll_us,
-                                  device=self._device or cuda_device(edge.gpu_sync))
+        self.plane = GpuDataplane.from_settings(node.pipeline, node.settings, self._per_worker(node.settings.limits),
+                                                self._device)
         self.plane.start()
         await self.plane.serve(sock=sock)
 

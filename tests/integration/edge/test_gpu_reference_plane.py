@@ -111,10 +111,11 @@ def get(path: str, *headers: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: e\r\n{extra}Connection: close\r\n\r\n".encode()
 
 
-async def test_hot_path_carries_auth_limits_cache_and_timing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("build", ["gpu", "cpu"])
+async def test_hot_path_carries_auth_limits_cache_and_timing(tmp_path: Path, build: str) -> None:
     authorizer = build_authorizer(load_settings(data_dir=str(tmp_path), auth={"key_env": "test"}))
     async with planes(tmp_path, engine=FakeEngine(), authorizer=authorizer, auth={"key_env": "test"},
-                      cache={"enabled": True}) as p:
+                      cache={"enabled": True}, edge={"gpu_build": build}) as p:
         keys = {name: (await authorizer.admin.create(name=name, rpm=3)).key for name in ("gpu", "listener")}
         text = {"gpu": "apple", "listener": "house"}  # the cache is shared: each listener its own input
 
@@ -143,7 +144,8 @@ async def test_hot_path_carries_auth_limits_cache_and_timing(tmp_path: Path) -> 
         post = {n: b"POST /v1/embeddings HTTP/1.1\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n%s" % (keys[n].encode(), len(body), body) for n in keys}
         assert same(await p.both(post), swap=prefixes).startswith(b"HTTP/1.1 429")  # the key's 3 requests are spent
-        assert p.stats["built"] >= 3 and p.stats["cpu"] >= 1  # both halves of the plane served
+        # Both halves of the plane served; with edge.gpu_build=cpu the hot answers were rendered without a build.
+        assert (p.stats["built"] >= 3 if build == "gpu" else p.stats["built"] == 0) and p.stats["cpu"] >= 1, p.stats
         metrics = p.node.request_metrics.render().decode()
         assert 'gazsi_requests_total{route="/inference",status="200"} 6.0' in metrics
         assert 'gazsi_requests_total{route="/inference",status="429"} 2.0' in metrics
@@ -210,12 +212,13 @@ async def test_listener_limits_come_from_the_config(tmp_path: Path) -> None:
         assert ok.startswith(b"HTTP/1.1 200")
 
 
-async def test_more_requests_than_ring_slots_all_answered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("build", ["gpu", "cpu"])
+async def test_more_requests_than_ring_slots_all_answered(tmp_path: Path, build: str) -> None:
     batcher = {"max_batch_size": 8, "queue_capacity": 1024}
     # 128 slots drain in 16 batches of 50 ms: the 129th request waits ~0.8 s for a slot, longer than the
     # default edge.gpu_slot_wait_s (0.5 s). Here every request may wait; the bound has its own test below.
     async with planes(tmp_path, engine=FakeEngine(delay_s=0.05), cache={"enabled": False}, batcher=batcher,
-                      edge={"gpu_slot_wait_s": 30}) as p:
+                      edge={"gpu_slot_wait_s": 30, "gpu_build": build}) as p:
         n = L.RING_N + 72
 
         replies = await asyncio.gather(*[_get_once(p.gpu.port, f"/inference?d=item+{i}", 60) for i in range(n)])
@@ -224,7 +227,8 @@ async def test_more_requests_than_ring_slots_all_answered(tmp_path: Path) -> Non
             assert b'{"input":"item %d"' % i in r
         # Past 128 in flight the ring had no slot: those waited for one, none was refused or sent to the CPU.
         assert p.stats["ring_full"] > 0 and p.stats["waited"] > 0, p.stats
-        assert p.stats["built"] == n and p.stats["cpu"] == 0 and p.stats["expired"] == 0, p.stats
+        assert p.stats["built"] == (n if build == "gpu" else 0), p.stats
+        assert p.stats["cpu"] == 0 and p.stats["expired"] == 0, p.stats
         assert p.ring_is_clean()
         # The ring's own stamps give the per-stage table (/readyz): every slot that served is in it, the
         # FakeEngine's 50 ms is the inference stage, and the stages add up to no more than the total.
@@ -235,6 +239,8 @@ async def test_more_requests_than_ring_slots_all_answered(tmp_path: Path) -> Non
                      "T4-T5 inference", "T5-T7 build kernel and write", "T7-T8 release")
         assert all(stages[k]["p50"] >= 0 for k in cpu_parts), stages
         assert stages["T4-T5 inference"]["p50"] <= stages["T0-T8 total (CPU)"]["p50"], stages
+        # The GPU clock's span ends at the build kernel's stamp: none without a build (no stale stamp either).
+        assert ("T2-T6 on the GPU clock: ready to built" in stages) == (build == "gpu"), stages
 
 
 async def test_a_request_that_waits_too_long_for_a_slot_gets_429_and_keeps_its_connection(tmp_path: Path) -> None:
