@@ -56,8 +56,12 @@ class MpsDaemon:
         pipe.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / "control.out").open("wb") as out:
+            # A session of its own: a signal to the node's process group (Ctrl-C in a terminal, `kill -TERM -PGID`)
+            # must not end the daemon while the node drains, or every feed process's CUDA calls fail with
+            # cudaErrorMpsRpcFailure (the H100, 2026-12-07). The node quits it last (stop); PDEATHSIG if it dies.
             self.proc = subprocess.Popen([self.control, "-f"], env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                         stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                         start_new_session=True)
         # Clients that start before the control socket exists would run without MPS, silently: wait for it.
         deadline = time.monotonic() + ready_s
         while not any(pipe.iterdir()):

@@ -65,6 +65,8 @@ def test_the_daemon_is_the_nodes_own_and_quits_with_it(tmp_path: Path, monkeypat
     assert os.environ["CUDA_MPS_LOG_DIRECTORY"].startswith(str(daemon.root))
     assert calls(log) == [["start", pipe, os.environ["CUDA_MPS_LOG_DIRECTORY"]]]
     assert daemon.proc is not None and daemon.proc.poll() is None  # in the foreground, our child
+    # In a session of its own: a signal to the node's process group does not end it before the node quits it.
+    assert os.getsid(daemon.proc.pid) == daemon.proc.pid != os.getsid(0)
     daemon.stop()
     assert calls(log)[1:] == [["quit", pipe], ["exit"]]  # told to quit through the same pipe directory
     assert daemon.proc.returncode == 0
