@@ -397,14 +397,16 @@ class EdgeConfig(_Section):
         "slot before it gets 429 with Retry-After (limits.retry_after_s).",
     )
     gpu_poll_us: int = Field(
-        0, ge=0, le=1000, description="gpu data plane: how long (µs) a feed polls a small burst's or build's "
+        60, ge=0, le=1000, description="gpu data plane: how long (µs) a feed polls a small burst's or build's "
         "GPU work on its event loop before handing the wait to a thread; a thread hand-off adds tens of "
-        "microseconds each way, which is most of a small burst's time at low load. 0 = never poll.",
+        "microseconds each way, which is most of a small burst's time at low load (H100, /inference at 10 % load, "
+        "60 against 0: p50 1.32 against 1.42 ms, 0.71 against 0.79 ms CPU each). 0 = never poll.",
     )
     gpu_build: Literal["gpu", "cpu"] = Field(
-        "gpu", description="gpu data plane: who writes a hot /inference answer: gpu = the build kernel from the "
-        "ring slot (GAZSI), cpu = the feed, with the renderer every transport uses, right after the pipeline "
-        "(one GPU round trip per request instead of two).",
+        "cpu", description="gpu data plane: who writes a hot /inference answer: cpu = the feed, with the renderer "
+        "every transport uses, right after the pipeline (one GPU round trip per request: the parse); gpu = the "
+        "build kernel from the ring slot, as GAZSI does (a second round trip). H100, 10 feeds, c=256: 46,000 "
+        "against 36,471 req/s, 0.113 against 0.147 ms CPU each, p50 at 10 % load 1.42 against 1.64 ms.",
     )
     region: str = Field("local", description="Region this point of presence serves.")
     zone: str = Field("local-a", description="Zone inside the region.")

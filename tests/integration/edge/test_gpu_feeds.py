@@ -78,7 +78,7 @@ async def test_a_key_gets_its_limit_once_across_feed_processes_on_the_hot_path(
     ok = [(t, r.json()) for t, r in replies if r.status_code == 200]
     ref = reference_model.encode([t for t, _ in ok[:8]], normalize_embeddings=True)
     got = np.array([body["embedding_sample"] for _, body in ok[:8]], dtype=np.float32)
-    assert np.abs(got - ref[:, :3]).max() < 1e-5  # the real model's vectors, built by the (reference) kernel
+    assert np.abs(got - ref[:, :3]).max() < 1e-5  # the real model's vectors
     refused = next(r for _, r in replies if r.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["code"] == "rate_limit_exceeded"
 
@@ -87,7 +87,9 @@ async def test_a_key_gets_its_limit_once_across_feed_processes_on_the_hot_path(
         ready = (await c.get(edge.admin + "/readyz")).json()
     assert ready["dataplane"] == "gpu" and ready["transport"]["workers"] == FEEDS
     gpu = ready["transport"]["gpu"]
-    assert gpu["requests"] >= REQUESTS and gpu["built"] >= statuses[200], gpu
+    # Every request parsed by the (reference) kernel, none sent to the CPU's parse; answered by the feeds
+    # (edge.gpu_build: cpu, the default; the build kernel's way has its own rows in test_parity.py).
+    assert gpu["requests"] >= REQUESTS and gpu["cpu"] == 0 and gpu["built"] == 0, gpu
     served_by = [w for w, stages in ready["transport"]["gpu_stages_us"].items() if stages]
     assert len(served_by) >= 2, served_by  # the load really went over several feed processes
 

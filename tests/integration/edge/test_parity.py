@@ -32,11 +32,11 @@ def edges(edge_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     nodes["gpu-reference"] = ([], GPU_REFERENCE)
     # The same plane in two feed processes embedding through the fast front's ring (edge.gpu_feed=workers).
     nodes["gpu-feeds"] = (["--workers", "2"], GPU_REFERENCE)
-    # And with the hot /inference answers rendered by the feed instead of the build kernel (edge.gpu_build=cpu).
-    nodes["gpu-cpu-build"] = (["--workers", "2"], ["env", "GAZSI_EDGE__GPU_BUILD=cpu", *GPU_REFERENCE])
+    # And with the hot /inference answers written by the build kernel instead of the feed (edge.gpu_build=gpu).
+    nodes["gpu-gpu-build"] = (["--workers", "2"], ["env", "GAZSI_EDGE__GPU_BUILD=gpu", *GPU_REFERENCE])
     with parity_edges(edge_data_dir, tmp_path_factory.mktemp("parity"), nodes) as started:
         yield started
 
 
 class TestParity(ParityTable):
-    BYTE_TRANSPORTS = ("fast", "gpu-reference", "gpu-feeds", "gpu-cpu-build")
+    BYTE_TRANSPORTS = ("fast", "gpu-reference", "gpu-feeds", "gpu-gpu-build")
