@@ -8,6 +8,7 @@ under each function (inclusive), with the functions that a GPU node runs as kern
 feed does everything else, so the unmarked shares are what its Python costs per request.
 
     python benchmarks/gpu_feed_profile.py --wrk .carry/perf/wrk --out /tmp/gpu-feed [--feeds 1 --conns 32]
+        [--edge gpu_build=gpu]
 
 Numbers from a shared 2-core VM are shares and trends, not capacity: docs/benchmarks.md says which ran.
 """
@@ -70,7 +71,10 @@ def main() -> int:
     ap.add_argument("--feeds", type=int, default=1)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--edge", action="append", default=[], metavar="KEY=VALUE",
+                    help="an edge.* setting for the plane (e.g. gpu_build=gpu), repeatable")
     args = ap.parse_args()
+    settings = {f"GAZSI_EDGE__{k.upper()}": v for k, _, v in (kv.partition("=") for kv in args.edge)}
     args.out.mkdir(parents=True, exist_ok=True)
     CORES["wrk"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -78,7 +82,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as data:
         plane = EdgeProcess(Path(data), "--backend", "fake", "--no-auth", "--workers", str(args.feeds),
                             command=[sys.executable, "-m", "tests.support.gpu_plane"],
-                            env={"GAZSI_CACHE__ENABLED": "false", "GAZSI_LOG_LEVEL": "warning",
+                            env={"GAZSI_CACHE__ENABLED": "false", "GAZSI_LOG_LEVEL": "warning", **settings,
                                  "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
         try:
             url = plane.url
@@ -97,7 +101,8 @@ def main() -> int:
             plane.stop()
     total, top = shares(raw)
     kernels = sum(pct for name, pct in top if name in KERNEL_REFERENCES)
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "feeds": args.feeds,
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "edge": args.edge,
+                              "feeds": args.feeds,
                               "conns": args.conns, "rps": round(load["rps"], 1), "errors": load["errors"],
                               "p50_ms": load["p50"] / 1e3, "samples": total, "kernel_reference_pct": kernels,
                               "inclusive_pct": top}
