@@ -122,13 +122,38 @@ def set_schedule(sync: str, device: int = 0) -> None:
         log.warning("edge.gpu_sync=%s not applied: CUDA driver error %d", sync, rc)
 
 
+def open_stream(priority: str = "default") -> tuple[Any, Callable[[], None]]:
+    """A non-blocking stream for the plane's bursts or builds, and how to free it (``edge.gpu_stream_priority``).
+
+    ``high``: at the context's greatest priority, so a burst's few small kernels are scheduled before the
+    blocks of the model's next kernel (the engine's streams have the default priority). CuPy's ``Stream``
+    takes no priority, so the driver makes it (``cuStreamCreateWithPriority``, cuda-bindings) and CuPy wraps
+    it; where either refuses, the node logs why and uses a default-priority stream.
+    """
+    import cupy as cp
+
+    if priority == "high":
+        try:
+            from cuda.bindings import driver as cu
+
+            err, _, greatest = cu.cuCtxGetStreamPriorityRange()
+            if err == cu.CUresult.CUDA_SUCCESS:
+                err, handle = cu.cuStreamCreateWithPriority(cu.CUstream_flags.CU_STREAM_NON_BLOCKING, greatest)
+            if err != cu.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"CUDA driver error {err}")
+            return cp.cuda.ExternalStream(int(handle)), lambda: cu.cuStreamDestroy(handle)
+        except Exception as exc:  # an old driver or binding: the plane still serves
+            log.warning("edge.gpu_stream_priority=high not applied (%s): default-priority streams", exc)
+    return cp.cuda.Stream(non_blocking=True), lambda: None
+
+
 class CudaDevice:
     """GPU buffers, the mapped ring and the kernels for bursts of up to ``capacity`` heads.
 
-    ``sync``: :func:`set_schedule` first (``edge.gpu_sync``).
+    ``sync``: :func:`set_schedule` first (``edge.gpu_sync``); ``priority``: :func:`open_stream`'s.
     """
 
-    def __init__(self, capacity: int = 1024, *, sync: str = "auto") -> None:
+    def __init__(self, capacity: int = 1024, *, sync: str = "auto", priority: str = "default") -> None:
         import cupy as cp
 
         set_schedule(sync, cp.cuda.runtime.getDevice())
@@ -146,8 +171,9 @@ class CudaDevice:
         self.d_built = cp.full(L.RING_N, -1, dtype=cp.int32)
         # Bursts and builds each on a stream of their own (neither waits behind the other), results copied
         # into pinned host memory on that stream, an event with blocking sync after it: waiting sleeps.
-        self.parse_stream = cp.cuda.Stream(non_blocking=True)
-        self.build_stream = cp.cuda.Stream(non_blocking=True)
+        self.parse_stream, free_parse = open_stream(priority)
+        self.build_stream, free_build = open_stream(priority)
+        self._free_streams = (free_parse, free_build)
         self.parse_done = cp.cuda.Event(block=True, disable_timing=True)
         self.build_done = cp.cuda.Event(block=True, disable_timing=True)
         self._h_rows_mem = cp.cuda.alloc_pinned_memory(capacity * L.NFIELDS * 4)
@@ -189,3 +215,5 @@ class CudaDevice:
 
         cp.cuda.Device().synchronize()  # no kernel may touch the ring once it is freed
         self.ring_mem.free()
+        for free in self._free_streams:
+            free()

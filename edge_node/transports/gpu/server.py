@@ -131,12 +131,13 @@ def _authorization(head: bytes, row: Sequence[int]) -> str | None:
     return head[off:off + n].decode("latin-1")
 
 
-def cuda_device(sync: str = "auto") -> Callable[[int], HttpDevice]:
-    """The CUDA kernels' device factory, waiting for the GPU as ``edge.gpu_sync`` says."""
+def cuda_device(sync: str = "auto", priority: str = "default") -> Callable[[int], HttpDevice]:
+    """The CUDA kernels' device factory, waiting for the GPU as ``edge.gpu_sync`` says, its streams at
+    ``edge.gpu_stream_priority``."""
     def make(capacity: int) -> HttpDevice:
         from .device import CudaDevice
 
-        return CudaDevice(capacity, sync=sync)
+        return CudaDevice(capacity, sync=sync, priority=priority)
 
     return make
 
@@ -149,7 +150,7 @@ class GpuDataplane:
     """
 
     def __init__(self, pipeline: EdgePipeline, *, capacity: int = 1024, max_pending: int = 4096,
-                 slot_wait_s: float = 0.5, retry_after_s: float = 1.0, poll_us: int = 0, build: str = "gpu",
+                 slot_wait_s: float = 0.5, retry_after_s: float = 1.0, poll_us: int = 0, build: str = "cpu",
                  limits: FeedLimits | None = None, device: Callable[[int], HttpDevice] | None = None) -> None:
         self.pipeline = pipeline
         self.capacity = capacity
@@ -195,7 +196,8 @@ class GpuDataplane:
         edge = settings.edge
         return cls(pipeline, limits=FeedLimits.from_config(limits), max_pending=edge.gpu_queue_capacity,
                    slot_wait_s=edge.gpu_slot_wait_s, retry_after_s=settings.limits.retry_after_s,
-                   poll_us=edge.gpu_poll_us, build=edge.gpu_build, device=device or cuda_device(edge.gpu_sync))
+                   poll_us=edge.gpu_poll_us, build=edge.gpu_build,
+                   device=device or cuda_device(edge.gpu_sync, edge.gpu_stream_priority))
 
     def stage_summary(self) -> dict[str, dict[str, float]]:
         """p50/p99 µs of each ring stage over the recent slots (the ring's own stamps, GAZSI's T0..T8).
