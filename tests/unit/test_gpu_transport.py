@@ -179,6 +179,12 @@ def test_the_stage_table_keeps_the_most_recent_slots_and_their_release_mark(monk
     # T0->T1 of slot k is (k+1) us; the last 100 are k = 150..249: nearest ranks 49 and 98 of 151..250.
     assert stages["T0-T1 head to burst launch"] == {"p50": 200.0, "p99": 249.0}
     assert 0 <= stages["T7-T8 release"]["p50"] < 1_000_000
+    # Only slots released within the window: a quiet spell after a busy one is not read as the busy one.
+    plane._marks[:60, 8] -= 10 * 10**9  # 60 of the kept slots released ten seconds earlier
+    assert plane.stage_summary()["slots"]["n"] == 40
+    assert plane.stage_summary(window_s=60)["slots"]["n"] == 100
+    plane._marks[:, 8] -= 10 * 10**9
+    assert plane.stage_summary() == {}
 
 
 class _Event:
