@@ -90,7 +90,7 @@ _RECENT_MARKS = 20_000  # slots whose T0..T8 stage_summary reads
 _STAGE_WINDOW_S = 5.0  # ... of those, the ones released this recently: a quiet spell is not read as a busy one
 # (stage, from mark, to mark) of stage_summary; T2 and T6 are GPU-clock marks, the rest CPU.
 _STAGES = (("T0-T1 head to burst launch", 0, 1), ("T1-T3 admit kernel to CPU take", 1, 3),
-           ("T3-T4 wait for a batch", 3, 4), ("T4-T5 inference", 4, 5), ("T5-T7 build kernel and write", 5, 7),
+           ("T3-T4 wait for a batch", 3, 4), ("T4-T5 inference", 4, 5), ("T5-T7 answer built and written", 5, 7),
            ("T7-T8 release", 7, 8), ("T2-T6 on the GPU clock: ready to built", 2, 6), ("T0-T8 total (CPU)", 0, 8))
 _SMALL = 4  # heads in a burst (results in a build) that gpu_poll_us polls for: the low-load regime
 _NO_SLOT = -2  # gz_ring_admit's R_SLOT when every ring slot is taken (-3: a queue misbehaved, -1: not admitted)

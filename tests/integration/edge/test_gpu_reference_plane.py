@@ -236,7 +236,7 @@ async def test_more_requests_than_ring_slots_all_answered(tmp_path: Path, build:
         assert stages["slots"]["n"] == n
         assert 45_000 <= stages["T4-T5 inference"]["p50"] < 1_000_000, stages
         cpu_parts = ("T0-T1 head to burst launch", "T1-T3 admit kernel to CPU take", "T3-T4 wait for a batch",
-                     "T4-T5 inference", "T5-T7 build kernel and write", "T7-T8 release")
+                     "T4-T5 inference", "T5-T7 answer built and written", "T7-T8 release")
         assert all(stages[k]["p50"] >= 0 for k in cpu_parts), stages
         assert stages["T4-T5 inference"]["p50"] <= stages["T0-T8 total (CPU)"]["p50"], stages
         # The GPU clock's span ends at the build kernel's stamp: none without a build (no stale stamp either).
