@@ -164,7 +164,7 @@ class EdgeNode:
                 from edge_node.transports.fast.front import FastTransport
 
                 if mode != "fast":
-                    from edge_node.transports.gpu.server import refuse_tls
+                    from edge_node.transports.gpu.transport import refuse_tls
 
                     refuse_tls(settings)  # before any feed process starts
                 return FastTransport(self, worker_module=self._worker_module, plane="http" if mode == "fast" else "gpu")
@@ -174,7 +174,7 @@ class EdgeNode:
 
                 transport = AsgiTransport(self)
             else:
-                from edge_node.transports.gpu.server import GpuTransport
+                from edge_node.transports.gpu.transport import GpuTransport
 
                 transport = GpuTransport(self, device=self._gpu_device)
         self.cache = build_response_cache(settings)

@@ -151,7 +151,7 @@ def _set_pod_env(monkeypatch: pytest.MonkeyPatch, pod: dict[str, Any], tls_dir: 
 def test_data_planes_that_cannot_serve_tls_are_refused_at_template_time(
     render: Render, sets: list[str], group: str, dataplane: str
 ) -> None:
-    # Rendered, such a group's replicas would raise ConfigError at start (gpu/server.py) and crash-loop.
+    # Rendered, such a group's replicas would raise ConfigError at start (gpu/transport.py) and crash-loop.
     with pytest.raises(AssertionError, match=rf"workerGroups\.{group}: dataplane {dataplane} cannot serve"):
         render(sets=sets)
     # Either switch off makes it a plain HTTP group again.

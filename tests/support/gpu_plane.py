@@ -123,7 +123,7 @@ class ReferenceDevice:
 
 async def _serve(args: argparse.Namespace) -> None:
     from edge_node.node import EdgeNode
-    from edge_node.transports.gpu.server import GpuTransport
+    from edge_node.transports.gpu.transport import GpuTransport
     from gazsi_cluster.config import load_settings
 
     overrides: dict[str, object] = {"edge": {"dataplane": "asgi", "port": 0, "host": "127.0.0.1"}}

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from edge_node.transports.gpu import _layout as L
+from edge_node.transports.gpu.cpu_path import error_response
 from edge_node.transports.gpu.feed import FeedConnection, FeedLimits, HeadFramer
-from edge_node.transports.gpu.server import error_response
 from gazsi_cluster.config import LimitsConfig
 from gazsi_cluster.errors import Overloaded, RequestTimeout
 from gazsi_cluster.http.errors import error_reply

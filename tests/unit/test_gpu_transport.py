@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,9 @@ from edge_node.encode import inference_body
 from edge_node.pages import CONTACTS_HTML, INDEX_HTML
 from edge_node.transports.gpu import _layout as L
 from edge_node.transports.gpu._head import hot_headers, needs_cpu_query, parse_head
+from edge_node.transports.gpu.cpu_path import with_headers
 from edge_node.transports.gpu.kernels import jobs_for
-from edge_node.transports.gpu.server import GpuTransport, with_headers
+from edge_node.transports.gpu.transport import GpuTransport
 from gazsi_cluster.config import load_settings
 from gazsi_cluster.errors import ConfigError, HeadersTooLarge, InvalidRequest
 from gazsi_cluster.http.wire import HttpReply, render, render_head
@@ -157,34 +157,33 @@ def test_device_module_loads_cupy_only_when_used() -> None:
 
 
 def test_the_stage_table_keeps_the_most_recent_slots_and_their_release_mark(monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_node.transports.gpu import server
+    from edge_node.transports.gpu import stages as stage_module
 
-    monkeypatch.setattr(server, "_RECENT_MARKS", 100)
-    plane = server.GpuDataplane(SimpleNamespace())  # type: ignore[arg-type]
-    plane.device = ReferenceDevice(8)
-    ring = plane.ring
+    monkeypatch.setattr(stage_module, "RECENT_MARKS", 100)
+    table = stage_module.StageTable()
+    ring = ReferenceDevice(8).ring
     ts = ring.v.ts
     for k in range(250):  # 2.5 times round the circle: only the last 100 slots count
         slot = ring.pop(L.Q_FREE)
         assert slot is not None
         ring.v.state[slot] = L.S_CONSUMED  # its response written, as the build loop finds it
         ts[slot, :7] = np.arange(7, dtype=np.uint64) * 1000 * (k + 1) + 1
-        plane._finish(slot)
-        kept = plane._marks[k % 100]
+        table.finish(ring, slot, ring.release)
+        kept = table.marks[k % 100]
         assert int(kept[8]) == int(ts[slot, 8]) >= int(kept[7]) > 0  # T8 is release's stamp, after T7
         ts[slot, 2] = 0  # the GPU admits the free slot again: the kept copy does not change
         assert int(kept[2]) == 2000 * (k + 1) + 1
-    stages = plane.stage_summary()
+    stages = table.summary()
     assert stages["slots"]["n"] == 100
     # T0->T1 of slot k is (k+1) us; the last 100 are k = 150..249: nearest ranks 49 and 98 of 151..250.
     assert stages["T0-T1 head to burst launch"] == {"p50": 200.0, "p99": 249.0}
     assert 0 <= stages["T7-T8 release"]["p50"] < 1_000_000
     # Only slots released within the window: a quiet spell after a busy one is not read as the busy one.
-    plane._marks[:60, 8] -= 10 * 10**9  # 60 of the kept slots released ten seconds earlier
-    assert plane.stage_summary()["slots"]["n"] == 40
-    assert plane.stage_summary(window_s=60)["slots"]["n"] == 100
-    plane._marks[:, 8] -= 10 * 10**9
-    assert plane.stage_summary() == {}
+    table.marks[:60, 8] -= 10 * 10**9  # 60 of the kept slots released ten seconds earlier
+    assert table.summary()["slots"]["n"] == 40
+    assert table.summary(window_s=60)["slots"]["n"] == 100
+    table.marks[:, 8] -= 10 * 10**9
+    assert table.summary() == {}
 
 
 class _Event:
@@ -207,16 +206,17 @@ async def test_a_small_burst_polls_on_the_loop_before_a_thread_waits() -> None:
     from edge_node.transports.gpu.device import Launched
 
     plane = server.GpuDataplane(SimpleNamespace(), poll_us=200_000)  # type: ignore[arg-type]
-    plane._waiter = concurrent.futures.ThreadPoolExecutor(1)
+    waits = plane.waits
+    waits.start()
     try:
         # Small: polled on the loop until done (no thread); large: after one loop turn, waited for in the thread.
-        assert await plane._gpu(Launched(lambda: "small", _Event(polls=50)), small=True) == "small"  # type: ignore[arg-type]
+        assert await waits.result(Launched(lambda: "small", _Event(polls=50)), small=True) == "small"  # type: ignore[arg-type]
         assert plane.stats["gpu_waits_off_loop"] == 0
-        assert await plane._gpu(Launched(lambda: "large", _Event(polls=50))) == "large"  # type: ignore[arg-type]
+        assert await waits.result(Launched(lambda: "large", _Event(polls=50))) == "large"  # type: ignore[arg-type]
         assert plane.stats["gpu_waits_off_loop"] == 1
         # The poll is bounded: past gpu_poll_us the wait still goes to the thread.
-        plane.poll_ns = 1_000
-        assert await plane._gpu(Launched(lambda: "slow", _Event(polls=10**9)), small=True) == "slow"  # type: ignore[arg-type]
+        waits.poll_ns = 1_000
+        assert await waits.result(Launched(lambda: "slow", _Event(polls=10**9)), small=True) == "slow"  # type: ignore[arg-type]
         assert plane.stats["gpu_waits_off_loop"] == 2 and plane.stats["gpu_waits"] == 3
     finally:
-        plane._waiter.shutdown()
+        waits.stop()

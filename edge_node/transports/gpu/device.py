@@ -147,6 +147,15 @@ def open_stream(priority: str = "default") -> tuple[Any, Callable[[], None]]:
     return cp.cuda.Stream(non_blocking=True), lambda: None
 
 
+def cuda_device(sync: str = "auto", priority: str = "default") -> Callable[[int], HttpDevice]:
+    """The CUDA kernels' device factory, waiting for the GPU as ``edge.gpu_sync`` says, its streams at
+    ``edge.gpu_stream_priority``."""
+    def make(capacity: int) -> HttpDevice:
+        return CudaDevice(capacity, sync=sync, priority=priority)
+
+    return make
+
+
 class CudaDevice:
     """GPU buffers, the mapped ring and the kernels for bursts of up to ``capacity`` heads.
 

@@ -1,4 +1,4 @@
-"""The ``gpu`` transport: host socket feed -> parse kernel -> ring -> pipeline -> ring -> build kernel -> sockets.
+"""The gpu data plane: host socket feed -> parse kernel -> ring -> pipeline -> answer -> sockets.
 
 Every request reaches the node's one pipeline (:class:`~edge_node.pipeline.EdgePipeline`), so routes,
 auth, limits, readiness, the response cache, usage, metrics and errors are those of every transport.
@@ -30,99 +30,63 @@ the ring was full, so load turned into 429 storms (issue 15).
 
 Control flow is mode (a), one kernel launch per burst (it won every burst size measured, see
 docs/benchmarks.md). A burst is whatever heads arrived while the previous one was on the GPU, up to
-``capacity``: the loops wait for the device off the event loop (:meth:`GpuDataplane._gpu`), so framing
+``capacity``: the loops wait for the device off the event loop (:class:`.waits.GpuWaits`), so framing
 heads, the pipeline and the socket writes go on meanwhile.
 The feed applies the listener limits (``settings.limits``); :meth:`GpuDataplane.stop` drains as the
 listener does (idle connections close at once, requests in service are answered, then their connections
-close). The operator routes (``/metrics``, ``/admin``) are on the node's operator port. Refused at start: TLS (the kernels speak plaintext HTTP),
-and request bodies in chunked transfer coding (400: send ``Content-Length``).
+close). The operator routes (``/metrics``, ``/admin``) are on the node's operator port. Refused at start:
+TLS (the kernels speak plaintext HTTP; :mod:`.transport`), and request bodies in chunked transfer coding
+(400: send ``Content-Length``).
+
+Beside it: :mod:`.cpu_path` (what the CPU parses and every reply the renderer writes), :mod:`.admission`
+(heads waiting for a ring slot), :mod:`.waits` (waiting for the GPU), :mod:`.stages` (the T0..T8 table),
+:mod:`.transport` (the plane in the node process).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
-import heapq
-import itertools
 import logging
 import socket
 import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_node.encode import inference_body
-from gazsi_cluster.errors import (
-    ConfigError,
-    EngineError,
-    GazsiError,
-    InvalidRequest,
-    Overloaded,
-    PayloadTooLarge,
-    ServiceUnavailable,
-)
+from gazsi_cluster.errors import EngineError, Overloaded
 from gazsi_cluster.http.errors import error_reply
-from gazsi_cluster.http.wire import HttpReply, HttpRequest, render, render_chunk, render_head
+from gazsi_cluster.http.wire import HttpReply, HttpRequest, render
 
 from . import _layout as L
-from ._head import hot_headers, needs_cpu_query, parse_head
+from ._head import hot_headers, needs_cpu_query
+from .admission import SlotWaiters
+from .cpu_path import error_response, reply_whole, send, serve_cpu, with_headers
+from .device import cuda_device
 from .feed import FeedConnection, FeedLimits
+from .stages import StageTable
+from .waits import GpuWaits
 
 if TYPE_CHECKING:
     from edge_node.pipeline import EdgePipeline, GazsiResult
-    from edge_node.transports.base import TransportHost
     from gazsi_cluster.config import LimitsConfig, Settings
 
-    from .device import HttpDevice, Launched
+    from .device import HttpDevice
     from .ring import HostRing
 
-__all__ = ["GpuDataplane", "GpuTransport", "cuda_device", "refuse_tls"]
+__all__ = ["GpuDataplane"]
 
 log = logging.getLogger(__name__)
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_RECENT_MARKS = 20_000  # slots whose T0..T8 stage_summary reads
-_STAGE_WINDOW_S = 5.0  # ... of those, the ones released this recently: a quiet spell is not read as a busy one
-# (stage, from mark, to mark) of stage_summary; T2 and T6 are GPU-clock marks, the rest CPU.
-_STAGES = (("T0-T1 head to burst launch", 0, 1), ("T1-T3 admit kernel to CPU take", 1, 3),
-           ("T3-T4 wait for a batch", 3, 4), ("T4-T5 inference", 4, 5), ("T5-T7 answer built and written", 5, 7),
-           ("T7-T8 release", 7, 8), ("T2-T6 on the GPU clock: ready to built", 2, 6), ("T0-T8 total (CPU)", 0, 8))
 _SMALL = 4  # heads in a burst (results in a build) that gpu_poll_us polls for: the low-load regime
 _NO_SLOT = -2  # gz_ring_admit's R_SLOT when every ring slot is taken (-3: a queue misbehaved, -1: not admitted)
 _PAGES = {L.ROUTE_INDEX: "/index.", L.ROUTE_CONTACTS: "/contacts."}
 _Burst = list[tuple[FeedConnection, bytes, int]]
-_T = TypeVar("_T")
-
-
-def _wait_ns(work: Launched[Any]) -> int:
-    """On a waiter thread: block until ``work`` is done; when it was seen done (``perf_counter_ns``)."""
-    work.wait()
-    return time.perf_counter_ns()
-
-
-def error_response(exc: BaseException, keep_alive: bool) -> bytes:
-    return render(error_reply(exc), keep_alive=keep_alive)
-
-
-def with_headers(response: bytes, headers: list[tuple[str, str]]) -> bytes:
-    """A built response with ``headers`` where :func:`~gazsi_cluster.http.wire.render_head` writes them.
-
-    The renderer's order is status, content-type, content-length, extra headers, connection; the build
-    kernel writes all but the extras.
-
-    >>> with_headers(b"HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\n{}", [("X-Gazsi-Cache", "miss")])
-    b'HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\nx-gazsi-cache: miss\\r\\n\\r\\n{}'
-    """
-    if not headers:
-        return response
-    at = response.index(b"\r\n", response.index(b"\r\ncontent-length: ") + 2)
-    extra = b"".join(b"\r\n" + f"{k.lower()}: {v}".encode("latin-1") for k, v in headers)
-    return response[:at] + extra + response[at:]
 
 
 def _authorization(head: bytes, row: Sequence[int]) -> str | None:
@@ -132,17 +96,6 @@ def _authorization(head: bytes, row: Sequence[int]) -> str | None:
         return None
     off = int(row[L.R_AUTH_OFF])
     return head[off:off + n].decode("latin-1")
-
-
-def cuda_device(sync: str = "auto", priority: str = "default") -> Callable[[int], HttpDevice]:
-    """The CUDA kernels' device factory, waiting for the GPU as ``edge.gpu_sync`` says, its streams at
-    ``edge.gpu_stream_priority``."""
-    def make(capacity: int) -> HttpDevice:
-        from .device import CudaDevice
-
-        return CudaDevice(capacity, sync=sync, priority=priority)
-
-    return make
 
 
 class GpuDataplane:
@@ -160,7 +113,6 @@ class GpuDataplane:
         self.max_pending = max_pending  # heads waiting for a burst or a ring slot, together
         self.slot_wait_s = slot_wait_s
         self.retry_after_s = retry_after_s
-        self.poll_ns = poll_us * 1000  # edge.gpu_poll_us: a small burst's GPU wait polled on the loop first
         self.cpu_build = build == "cpu"  # edge.gpu_build: /inference answers rendered here, no build kernel
         self.limits = limits or FeedLimits()
         self.per_client: Counter[str] = Counter()
@@ -169,10 +121,7 @@ class GpuDataplane:
         self.device: HttpDevice | None = None
         self._pending: _Burst = []
         self._bursting = 0  # heads of the burst on the GPU now (stop drains on them too)
-        # Hot /inference heads that found every ring slot taken, a heap by arrival: (t0, seq, conn, head,
-        # keep-alive). They go back into a burst as slots free (oldest first), or get 429 once slot_wait_s passed.
-        self._waiting: list[tuple[int, int, FeedConnection, bytes, bool]] = []
-        self._seq = itertools.count()
+        self._waiting = SlotWaiters(slot_wait_s)  # hot /inference heads that found every ring slot taken
         self._work = asyncio.Event()
         self._build = asyncio.Event()
         self._to_build = 0
@@ -180,17 +129,12 @@ class GpuDataplane:
         self._slot_conn: dict[int, tuple[FeedConnection, bool, list[tuple[str, str]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        # Where the two loops wait for the GPU (an event's synchronize sleeps there, the GIL released).
-        self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
         self.server: asyncio.Server | None = None
         self.stats = {"bursts": 0, "requests": 0, "ring_full": 0, "waited": 0, "expired": 0, "queue_full": 0,
                       "built": 0, "builds": 0, "cpu": 0, "gpu_waits": 0, "gpu_waits_off_loop": 0,
                       "gpu_wait_us": 0, "gpu_resume_us": 0}
-        # T0..T8 of the most recent slots, a preallocated circle: the per-stage table of the benchmarks
-        # (``stage_summary``, sent to the node each second). A deque of per-slot copies cost 22 ms a second
-        # to stack (2 % of a busy feed's core on the 2-core machine, py-spy).
-        self._marks = np.zeros((_RECENT_MARKS, 9), dtype=np.int64)
-        self._marks_n = 0
+        self.waits = GpuWaits(self.stats, poll_us)  # edge.gpu_poll_us: a small burst's wait polled first
+        self.stages = StageTable()  # T0..T8 of the recent slots: /readyz, sent to the node each second
 
     @classmethod
     def from_settings(cls, pipeline: EdgePipeline, settings: Settings, limits: LimitsConfig,
@@ -202,47 +146,11 @@ class GpuDataplane:
                    poll_us=edge.gpu_poll_us, build=edge.gpu_build,
                    device=device or cuda_device(edge.gpu_sync, edge.gpu_stream_priority))
 
-    def stage_summary(self, window_s: float = _STAGE_WINDOW_S) -> dict[str, dict[str, float]]:
-        """p50/p99 µs of each ring stage over the slots released in the last ``window_s`` (at most the last
-        20,000; the ring's own stamps, GAZSI's T0..T8). At 3,000 req/s a fixed count of slots still held the
-        busy minute before it (H100, 2026-12-07: the 10 %-load table read as saturation's).
-
-        Stages are differences within one clock: the CPU marks (``perf_counter_ns``) and the two GPU
-        marks (``%globaltimer``) are never subtracted from each other.
-        """
-        ts = self._marks[:min(self._marks_n, len(self._marks))]
-        ts = ts[ts[:, 8] >= time.perf_counter_ns() - int(window_s * 1e9)]
-        if not len(ts):
-            return {}
-        out: dict[str, dict[str, float]] = {}
-        for name, a, b in _STAGES:
-            d = (ts[:, b] - ts[:, a]) / 1e3
-            d = d[(ts[:, a] > 0) & (ts[:, b] > 0)]
-            if d.size:
-                # Nearest ranks by partition: np.percentile took 2.3 ms per stage over 20,000 slots, this 0.3.
-                ranks = [(d.size - 1) // 2, (d.size - 1) * 99 // 100]
-                p50, p99 = np.partition(d, ranks)[ranks]
-                out[name] = {"p50": round(float(p50), 1), "p99": round(float(p99), 1)}
-        out["slots"] = {"n": float(len(ts))}
-        return out
-
-    def _finish(self, slot: int, free: Callable[[int], None] | None = None) -> None:
-        """T7, then free the slot (T8; ``ring.release`` unless ``free`` says how), keeping its marks for
-        :meth:`stage_summary`: copied before the release, since a free slot may be admitted and stamped again by
-        the GPU; T8 after it (only the CPU writes T8)."""
-        ring = self.ring
-        ring.stamp(slot, 7)
-        i = self._marks_n % len(self._marks)
-        self._marks_n += 1
-        self._marks[i] = ring.v.ts[slot]
-        (free or ring.release)(slot)
-        self._marks[i, 8] = ring.v.ts[slot, 8]
-
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Make the device (GPU buffers, mapped ring, compiled kernels), start the loops."""
         self.device = self._make_device(self.capacity)
-        self._waiter = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="gazsi-gpu-wait")
+        self.waits.start()
         self._loops = [asyncio.create_task(self._burst_loop(), name="gazsi-gpu-bursts"),
                        asyncio.create_task(self._build_loop(), name="gazsi-gpu-builds")]
 
@@ -288,40 +196,10 @@ class GpuDataplane:
                 await task
         for conn in list(self.connections):  # what did not finish in time
             conn.close()
-        if self._waiter is not None:
-            self._waiter.shutdown(wait=True)  # a wait in progress ends with its event (bounded: kernels are)
-            self._waiter = None
+        self.waits.stop()
         if self.device is not None:
             self.device.close()
             self.device = None
-
-    async def _gpu(self, work: Launched[_T], *, small: bool = False) -> _T:
-        """The result of launched device work, waited for without holding the event loop.
-
-        One turn of the loop first (at load the GPU is usually done by then, and a thread hand-off is
-        tens of microseconds); for a ``small`` burst or build (low load, where that hand-off is most of the
-        wait) a poll of at most ``edge.gpu_poll_us`` on the loop; then the wait moves to a thread, where a
-        blocking-sync event sleeps.
-        """
-        stats = self.stats
-        stats["gpu_waits"] += 1
-        t0 = time.perf_counter_ns()
-        if not work.done():
-            await asyncio.sleep(0)
-            if small and self.poll_ns and not work.done():
-                until = time.perf_counter_ns() + self.poll_ns
-                while not work.done() and time.perf_counter_ns() < until:
-                    pass
-            if not work.done():
-                if self._waiter is None:  # stopped meanwhile: still never read a result the GPU has not written
-                    work.wait()
-                else:
-                    stats["gpu_waits_off_loop"] += 1
-                    done_ns = await asyncio.get_running_loop().run_in_executor(self._waiter, _wait_ns, work)
-                    # From the thread seeing the GPU done to this coroutine running again: the hand-off's cost.
-                    stats["gpu_resume_us"] += (time.perf_counter_ns() - done_ns) // 1000
-        stats["gpu_wait_us"] += (time.perf_counter_ns() - t0) // 1000
-        return work.result()
 
     # -- the feed's sink ------------------------------------------------------------------
     def submit(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None:
@@ -345,29 +223,20 @@ class GpuDataplane:
 
     def _wait_for_slot(self, conn: FeedConnection, head: bytes, t0_ns: int, keep: bool) -> None:
         self.stats["ring_full"] += 1
-        heapq.heappush(self._waiting, (t0_ns, next(self._seq), conn, head, keep))
+        self._waiting.add(t0_ns, conn, head, keep)
 
     def _admit_waiting(self) -> None:
         """Expire what waited too long (429), then put the oldest waiting heads before the new ones, as many as
         there are free slots (more would only be parsed again)."""
         if not self._waiting:
             return
-        expired_before = time.perf_counter_ns() - int(self.slot_wait_s * 1e9)
-        while self._waiting and self._waiting[0][0] < expired_before:
-            t0, _, conn, head, keep = heapq.heappop(self._waiting)
-            if conn.closed:
-                continue
+        for t0, conn, keep in self._waiting.expired(time.perf_counter_ns()):
             self.stats["expired"] += 1
             reply = error_reply(self._overloaded(f"no GPU ring slot came free within {self.slot_wait_s:g} s"))
             self.pipeline.metrics.observe("/inference", reply.status, time.perf_counter() - t0 / 1e9)
             keep = keep and not conn.draining
             conn.respond(render(reply, keep_alive=keep), keep)
-        free = self.ring.free_count() if self.device is not None else 0
-        back: _Burst = []
-        while self._waiting and len(back) < free:
-            t0, _, conn, head, _ = heapq.heappop(self._waiting)
-            if not conn.closed:
-                back.append((conn, head, t0))
+        back = self._waiting.oldest(self.ring.free_count() if self.device is not None else 0)
         if back:
             self.stats["waited"] += len(back)
             self._pending[:0] = back
@@ -405,7 +274,7 @@ class GpuDataplane:
         t1 = time.perf_counter_ns()
         self._bursting = len(burst)
         try:
-            rows = await self._gpu(self.device.launch_parse_admit([head for _, head, _ in burst]),
+            rows = await self.waits.result(self.device.launch_parse_admit([head for _, head, _ in burst]),
                                    small=len(burst) <= _SMALL)
         finally:
             self._bursting = 0
@@ -514,7 +383,7 @@ class GpuDataplane:
 
     def _to_cpu(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None:
         self.stats["cpu"] += 1
-        self._spawn(conn, self._serve_cpu(conn, head, t0_ns))
+        self._spawn(conn, serve_cpu(self.pipeline, conn, head, t0_ns))
 
     # -- the CPU stage of the hot path: the pipeline, then back to the ring ---------------
     async def _infer(self, hot: list[tuple[int, FeedConnection, HttpRequest, str, bool]]) -> None:
@@ -526,7 +395,7 @@ class GpuDataplane:
                 ring.abort(slot)
                 self._slot_freed()
                 if isinstance(outcome, HttpReply):
-                    await self._send(conn, request, outcome, keep)
+                    await send(conn, request, outcome, keep)
                 continue
             if self.cpu_build:
                 self._answer_on_cpu(slot, conn, request, outcome, keep)
@@ -551,11 +420,9 @@ class GpuDataplane:
         sends) and the slot is freed here, without the build kernel's GPU round trip; T4/T5 and T7 still stamped."""
         ring = self.ring
         ring.v.ts[slot, 4:7] = (int(r.marks[0] * 1e9), int(r.marks[1] * 1e9), 0)  # T6 is the build kernel's: none
-        reply = HttpReply(200, inference_body(r.text, r.tokens, r.sample, r.inference_us, r.batch_size), r.headers)
-        keep = keep and not conn.draining
-        head = render_head(reply, keep_alive=keep)
-        conn.respond(head if request.method == "HEAD" else head + reply.body, keep)
-        self._finish(slot, ring.abort)
+        body = inference_body(r.text, r.tokens, r.sample, r.inference_us, r.batch_size)
+        reply_whole(conn, request, HttpReply(200, body, r.headers), keep)
+        self.stages.finish(ring, slot, ring.abort)
 
     def _reclaim(self, hot: list[tuple[int, FeedConnection, HttpRequest, str, bool]], task: asyncio.Task[None]) -> None:
         # Cancelled (stop) or failed (a bug) before its slots were completed: slots still PROCESSING go back,
@@ -573,58 +440,6 @@ class GpuDataplane:
                 if failed:
                     conn.respond(error_response(EngineError("GPU data plane failure"), False), False)
 
-    # -- everything else: the CPU parses, the pipeline answers ----------------------------
-    async def _serve_cpu(self, conn: FeedConnection, head: bytes, t0_ns: int) -> None:
-        lim = conn.limits
-        try:
-            parsed = parse_head(head, max_headers=lim.max_headers, max_header_bytes=lim.max_header_bytes)
-            if parsed.chunked:
-                raise InvalidRequest("the gpu data plane does not take chunked request bodies: send Content-Length")
-        except GazsiError as exc:
-            conn.reject(exc)
-            return
-        request = HttpRequest(parsed.method, parsed.path, parsed.query, parsed.headers, b"", conn.client,
-                              t0_ns / 1e9)
-        limit = self.pipeline.max_body_bytes
-        if parsed.content_length > limit:
-            # As the other listeners: the body is read and dropped, then 413 and the connection closes.
-            await conn.read_body(parsed.content_length, keep=False)
-            await self._send(conn, request, error_reply(PayloadTooLarge(f"request body exceeds {limit} bytes")),
-                             False)
-            return
-        if parsed.content_length:
-            if parsed.expect_continue:
-                conn.write(_CONTINUE)
-            request.body = await conn.read_body(parsed.content_length)
-        reply = await self.pipeline.handle(request)
-        await self._send(conn, request, reply, parsed.keep_alive)
-
-    @staticmethod
-    async def _send(conn: FeedConnection, request: HttpRequest, reply: HttpReply, keep: bool) -> None:
-        """The reply through the one renderer: what :class:`~gazsi_cluster.http.listener.HttpListener` sends."""
-        head_only = request.method == "HEAD"
-        keep = keep and not conn.draining
-        if reply.stream is None or head_only:
-            head = render_head(reply, keep_alive=keep)
-            conn.respond(head if head_only else head + reply.body, keep)
-            return
-        stream = reply.stream
-        try:
-            conn.write(render_head(reply, keep_alive=keep))
-            async for chunk in stream:
-                if conn.closed:
-                    return
-                if chunk:
-                    conn.write(render_chunk(chunk))
-                    if not conn.writable.is_set():
-                        await conn.writable.wait()  # the client reads slowly: so do we
-            conn.respond(render_chunk(b""), keep)
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
-
     # -- builds ---------------------------------------------------------------------------
     async def _build_loop(self) -> None:
         while True:
@@ -635,7 +450,7 @@ class GpuDataplane:
             if not k or self.device is None:
                 continue
             # Results finishing while this build is on the GPU wait for the next one (they set _build).
-            built = await self._gpu(self.device.launch_build_ring(k), small=k <= _SMALL)
+            built = await self.waits.result(self.device.launch_build_ring(k), small=k <= _SMALL)
             self.stats["built"] += k
             self.stats["builds"] += 1
             for slot in built:
@@ -644,7 +459,7 @@ class GpuDataplane:
                     continue
                 data = self.ring.response(slot)
                 conn, keep, headers = self._slot_conn.pop(slot)
-                self._finish(slot)
+                self.stages.finish(self.ring, slot, self.ring.release)
                 conn.respond(with_headers(data, headers), keep)
             self._slot_freed()
             self._check_quiet()
@@ -665,60 +480,3 @@ class _BurstShare:
     def cancel(self) -> bool:
         self.left -= 1
         return self.task.cancel() if self.left <= 0 else False
-
-
-def refuse_tls(settings: Settings) -> None:
-    """The gpu data plane, in the node process or in feed processes, cannot serve TLS: say so at start."""
-    if settings.edge.tls.enabled:
-        raise ConfigError(
-            "edge.tls is set but the gpu data plane cannot serve TLS: its CUDA kernels parse and build "
-            "plaintext HTTP. Terminate TLS in front of the node, or use edge.dataplane=fast.")
-
-
-class GpuTransport:
-    """The node's data plane on the GPU; refuses TLS (the kernels answer in plaintext) and says why.
-
-    ``device`` is for tests: the CPU reference of the kernels instead of the CUDA ones.
-    """
-
-    name = "gpu"
-
-    def __init__(self, node: TransportHost, *, device: Callable[[int], HttpDevice] | None = None) -> None:
-        refuse_tls(node.settings)
-        self.node = node
-        self.plane: GpuDataplane | None = None
-        self.port = 0
-        self._device = device
-
-    async def start(self) -> None:
-        node, edge = self.node, self.node.settings.edge
-        assert node.pipeline is not None
-        self.plane = GpuDataplane.from_settings(node.pipeline, node.settings, node.settings.limits, self._device)
-        self.plane.start()
-        await self.plane.serve(edge.host, edge.port)
-        self.port = self.plane.port
-
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        if self.plane is not None:
-            await self.plane.stop(timeout_s)
-
-    def apply_limits(self, limits: LimitsConfig) -> None:
-        """New connections use ``limits`` (as on the other listeners)."""
-        if self.plane is not None:
-            self.plane.limits = FeedLimits.from_config(limits)
-
-    async def wait_ready(self) -> None:
-        """Serving as soon as :meth:`start` returned."""
-
-    def check_health(self) -> None:
-        if self.plane is None or self.plane.server is None or not self.plane.server.is_serving():
-            raise ServiceUnavailable("the GPU data plane is not serving", retry_after=1)
-
-    def readiness(self) -> dict[str, Any]:
-        if self.plane is None:
-            return {"gpu": None}
-        return {"gpu": dict(self.plane.stats), "gpu_stages_us": self.plane.stage_summary()}
-
-    @property
-    def ready(self) -> bool:
-        return self.plane is not None and self.plane.server is not None and self.plane.server.is_serving()

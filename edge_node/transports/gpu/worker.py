@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from edge_node.transports.fast.channel import send_message
 from edge_node.transports.fast.worker import WorkerHandoff, WorkerTransport
 from edge_node.transports.gpu.feed import FeedLimits
-from edge_node.transports.gpu.server import GpuDataplane, refuse_tls
+from edge_node.transports.gpu.server import GpuDataplane
+from edge_node.transports.gpu.transport import refuse_tls
 
 if TYPE_CHECKING:
     from edge_node.transports.base import TransportHost
@@ -68,7 +69,7 @@ class GpuWorkerTransport(WorkerTransport):
                 with contextlib.suppress(OSError):  # the node is going away
                     send_message(self.handoff.status_fd, {"op": "plane", "worker": self.handoff.worker,
                                                           "gpu": dict(self.plane.stats),
-                                                          "gpu_stages_us": self.plane.stage_summary()})
+                                                          "gpu_stages_us": self.plane.stages.summary()})
 
     async def _listen(self, sock: socket.socket) -> None:
         node = self.node
@@ -94,5 +95,5 @@ class GpuWorkerTransport(WorkerTransport):
         detail = super().readiness()
         if self.plane is not None:
             detail["gpu"] = dict(self.plane.stats)
-            detail["gpu_stages_us"] = self.plane.stage_summary()
+            detail["gpu_stages_us"] = self.plane.stages.summary()
         return detail

@@ -24,7 +24,7 @@ from edge_node.engines.fake import FakeEngine
 from edge_node.node import EdgeNode
 from edge_node.transports.gpu import _layout as L
 from edge_node.transports.gpu.device import HttpDevice, Launched
-from edge_node.transports.gpu.server import GpuTransport
+from edge_node.transports.gpu.transport import GpuTransport
 from gazsi_cluster.auth.factory import build_authorizer
 from gazsi_cluster.auth.keys import display_prefix
 from gazsi_cluster.config import load_settings
