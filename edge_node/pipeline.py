@@ -13,7 +13,7 @@ after the peer forwarder had its chance at the errors a peer can fix (overloaded
 ready). The FastAPI app, the fast front's workers, the GPU data plane and a reverse tunnel all call
 :meth:`EdgePipeline.handle` (the GPU data plane's hot ``/inference`` path calls
 :meth:`EdgePipeline.handle_inference_many` for a burst of heads: the same stages per request without the encode
-one, which its build kernel does); none of them validates, authorises,
+one, which it does itself); none of them validates, authorises,
 bills or formats errors on its own.
 Modelled on TEI's one handler per route over one ``Infer``.
 
@@ -89,7 +89,8 @@ class ModelFacts:
 
 @dataclass(slots=True)
 class GazsiResult:
-    """What GAZSI's ``/inference`` computed, before encoding (the GPU data plane encodes on the GPU)."""
+    """What GAZSI's ``/inference`` computed, before encoding (the GPU data plane writes the answer itself: in
+    the feed, or with its build kernel)."""
 
     text: str
     tokens: int
@@ -98,6 +99,11 @@ class GazsiResult:
     batch_size: int
     headers: list[tuple[str, str]]
     marks: tuple[float, float]  # inference start and end (perf_counter), for the GPU ring's T-stamps
+
+    def reply(self) -> HttpReply:
+        """The answer every transport sends: GAZSI's JSON body and the headers the pipeline added."""
+        return HttpReply(200, inference_body(self.text, self.tokens, self.sample, self.inference_us,
+                                             self.batch_size), self.headers)
 
 
 def _query_d(query: str) -> str | None:
@@ -252,8 +258,7 @@ class EdgePipeline:
         timing.tokenized = time.perf_counter()
         tokens = len(seqs[0]) if len(seqs) == 1 else sum(len(s) for s in seqs)
         model = self.model.model_id
-        # Without keys (AllowAll) there is nothing to reserve or bill: two awaits fewer per request.
-        metered = not isinstance(self.authorizer, AllowAll)
+        metered = self._metered
         if metered:
             await self.authorizer.reserve_tokens(principal, model=model, tokens=tokens)
         try:
@@ -268,6 +273,11 @@ class EdgePipeline:
         if metered:
             await self._bill(principal, tokens, billed)
         return done.vectors, tokens, done.batch_size, done.inference_us, done.cache
+
+    @property
+    def _metered(self) -> bool:
+        """Without keys (AllowAll) there is nothing to reserve or bill: two awaits fewer per request."""
+        return not isinstance(self.authorizer, AllowAll)
 
     def _embed_refused(self, exc: BaseException) -> None:
         if isinstance(exc, Overloaded):
@@ -325,7 +335,7 @@ class EdgePipeline:
     async def handle_inference_many(self, requests: Sequence[HttpRequest], texts: Sequence[str | None]
                                     ) -> list[GazsiResult | HttpReply]:
         """``GET /inference`` for many requests at once, for a transport that encodes the bodies itself (the GPU
-        data plane's build kernel, over a burst of heads).
+        data plane, over a burst of heads: :meth:`GazsiResult.reply` in the feed, or its build kernel).
 
         Per request the same stages, refusals and replies as :meth:`handle` up to, not including, the encode
         stage: a :class:`GazsiResult`, or the reply for an error (through the same forwarding and the same
@@ -367,7 +377,7 @@ class EdgePipeline:
             for i in live:
                 out[i] = exc
             live = []
-        metered = not isinstance(self.authorizer, AllowAll)
+        metered = self._metered
         unsettled: set[int] = set()  # reserved, neither billed nor given back yet
         try:
             if metered and live:
@@ -400,7 +410,7 @@ class EdgePipeline:
         """The embed stage of :meth:`handle_inference_many` for the requests ``idx`` (one cache policy): one
         embed call, then per request its usage (cache hits and inputs another request computed are not billed,
         as :meth:`_embed` bills), headers and result."""
-        metered = not isinstance(self.authorizer, AllowAll)
+        metered = self._metered
         timing = Timing(received=min(works[i].timing.received for i in idx))
         try:
             done = await self.embedder.embed([seqs[i] for i in idx], timing, use_cache=use_cache)
@@ -463,8 +473,7 @@ class EdgePipeline:
     async def _inference(self, request: HttpRequest, work: _Work) -> HttpReply:
         text = _query_d(request.query)
         work.model = self.model.model_id
-        r = await self._gazsi(request, work, text)
-        return HttpReply(200, inference_body(r.text, r.tokens, r.sample, r.inference_us, r.batch_size), r.headers)
+        return (await self._gazsi(request, work, text)).reply()
 
     async def _models(self, request: HttpRequest, work: _Work) -> HttpReply:
         principal = await self._authorize(request, None)

@@ -155,10 +155,15 @@ class HostRing:
         v.param[idx, L.J_BATCH] = batch_sizes
         v.param[idx, L.J_INFER_US] = np.minimum(np.asarray(inference_us, dtype=np.int64), 2**31 - 1)
         v.sample[idx, :3] = samples
-        v.ts[idx, 4:6] = (np.asarray(infer_marks, dtype=np.float64).reshape(len(idx), 2) * 1e9).astype(np.uint64)
+        self.stamp_inference(idx, infer_marks)
         v.state[idx] = L.S_RESULT_READY  # after the results: the states publish them (x86 keeps stores in order)
         for slot in slots:
             self.push(L.Q_RESPONSE, slot)
+
+    def stamp_inference(self, slots: Sequence[int] | np.ndarray, infer_marks: Sequence[tuple[float, float]]) -> None:
+        """T4 and T5 of ``slots``: each one's inference start and end (``perf_counter`` seconds)."""
+        marks = np.asarray(infer_marks, dtype=np.float64).reshape(len(slots), 2)
+        self.v.ts[np.asarray(slots, dtype=np.intp), 4:6] = (marks * 1e9).astype(np.uint64)
 
     def abort(self, slot: int) -> None:
         """PROCESSING → FREE: the request failed on the CPU and was answered there."""

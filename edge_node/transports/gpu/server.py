@@ -58,7 +58,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_node.encode import inference_body
 from gazsi_cluster.errors import EngineError, Overloaded
 from gazsi_cluster.http.errors import error_reply
 from gazsi_cluster.http.wire import HttpReply, HttpRequest, render
@@ -419,9 +418,9 @@ class GpuDataplane:
         """``edge.gpu_build: cpu``: the pipeline's renderer writes the response (the bytes every other transport
         sends) and the slot is freed here, without the build kernel's GPU round trip; T4/T5 and T7 still stamped."""
         ring = self.ring
-        ring.v.ts[slot, 4:7] = (int(r.marks[0] * 1e9), int(r.marks[1] * 1e9), 0)  # T6 is the build kernel's: none
-        body = inference_body(r.text, r.tokens, r.sample, r.inference_us, r.batch_size)
-        reply_whole(conn, request, HttpReply(200, body, r.headers), keep)
+        ring.stamp_inference([slot], [r.marks])
+        ring.v.ts[slot, 6] = 0  # T6 is the build kernel's: none
+        reply_whole(conn, request, r.reply(), keep)
         self.stages.finish(ring, slot, ring.abort)
 
     def _reclaim(self, hot: list[tuple[int, FeedConnection, HttpRequest, str, bool]], task: asyncio.Task[None]) -> None:
