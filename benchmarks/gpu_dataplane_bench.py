@@ -68,13 +68,76 @@ def modes(sizes: list[int], reps: int = 200) -> None:
             runner.close()
 
 
+def memops_probe(reps: int = 200) -> None:
+    """Where mode (c)'s time goes: the same doorbell round trip with less and less after the stream's wait.
+
+    * ``wait+write``: a graph of cuStreamWaitValue32 on the doorbell (mapped host memory), its reset and a
+      cuStreamWriteValue32 of the done word: the GPU front end's wait alone, no kernel;
+    * ``memops grid=G``: the runner of mode (c) with its kernel launched on G blocks (every block reads the
+      burst size from mapped host memory, then fences to system scope to count itself);
+    * ``memops direct``: the same operations posted one by one instead of as a graph.
+    """
+    import cupy as cp
+    from cuda.bindings import driver as cu
+
+    from edge_node.transports.gpu.control import C_DONE, C_DOORBELL, MappedBuffer, MemopsRunner
+
+    print("\n| memops probe (burst of 16) | p50 us | p99 us |")
+    print("|---|---|---|")
+
+    def row(name: str, lat: list[float]) -> None:
+        print(f"| {name} | {statistics.median(lat) * 1e6:.1f} | {float(np.percentile(lat, 99)) * 1e6:.1f} |")
+
+    ctrl = MappedBuffer(64, np.uint32)
+    ctrl.array[:] = 0
+    stream = cp.cuda.Stream(non_blocking=True)
+    hs = cu.CUstream(stream.ptr)
+    bell = cu.CUdeviceptr(ctrl.dev_ptr + 4 * C_DOORBELL)
+    done = cu.CUdeviceptr(ctrl.dev_ptr + 4 * C_DONE)
+    stream.begin_capture()
+    cu.cuStreamWaitValue32(hs, bell, 1, cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
+    cu.cuStreamWriteValue32(hs, bell, 0, cu.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+    cu.cuStreamWriteValue32(hs, done, 1, cu.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+    graph = stream.end_capture()
+    arr, lat = ctrl.array, []
+    for i in range(reps + 10):
+        arr[C_DONE] = 0
+        graph.launch(stream)
+        time.sleep(0.0002)  # the wait is posted and polling before the bell rings, as in the runner
+        t = time.perf_counter()
+        arr[C_DOORBELL] = 1
+        while arr[C_DONE] != 1:
+            pass
+        if i >= 10:
+            lat.append(time.perf_counter() - t)
+        stream.synchronize()
+    row("wait+write (graph, no kernel)", lat)
+    ctrl.free()
+    reqs = _reqs(16)
+    for grid, graph_on in ((1, True), (16, True), (264, True), (264, False)):
+        runner = MemopsRunner(1024, use_graph=graph_on)
+        runner.grid = grid
+        runner.start()
+        try:
+            runner.land(reqs)
+            lat = []
+            for i in range(reps + 10):
+                t = time.perf_counter()
+                runner.trigger(16)
+                if i >= 10:
+                    lat.append(time.perf_counter() - t)
+            row(f"memops grid={grid} ({'graph' if runner.graph is not None else 'direct'})", lat)
+        finally:
+            runner.close()
+
+
 if __name__ == "__main__":
     import argparse
 
     import cupy as cp
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("all", "kernels", "modes"), default="all",
+    ap.add_argument("--part", choices=("all", "kernels", "modes", "memops-probe"), default="all",
                     help="kernels alone: what ncu profiles (the persistent kernel cannot be replayed)")
     part = ap.parse_args().part
     props = cp.cuda.runtime.getDeviceProperties(0)
@@ -83,3 +146,5 @@ if __name__ == "__main__":
         kernels([16, 64, 256, 1024])
     if part in ("all", "modes"):
         modes([16, 64, 256, 1024])
+    if part in ("all", "memops-probe"):
+        memops_probe()

@@ -11,6 +11,11 @@ node's processes through ``CUDA_MPS_PIPE_DIRECTORY`` / ``CUDA_MPS_LOG_DIRECTORY`
 before its CUDA context exists, and inherited by the feed processes it starts), so it never meets an
 MPS daemon the machine may already run, and it is told to quit when the node stops. A process that
 already holds a CUDA context when the daemon starts stays outside it (said in the log).
+
+How much of the GPU each client may hold at once is MPS's active thread percentage, read by a client when
+it makes its context: the node process (the engine) sets ``edge.gpu_mps_engine_sm_pct`` here, a feed
+process sets ``edge.gpu_mps_feed_sm_pct`` at its start (:func:`join_share`). An engine held below 100 %
+leaves SMs free at all times, so a feed's small parse kernels need not wait for the model's blocks.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from pathlib import Path
 
 from gazsi_cluster.errors import ConfigError
 
-__all__ = ["MpsDaemon", "start_mps"]
+__all__ = ["MpsDaemon", "join_share", "start_mps"]
 
 log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
-_ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
+SHARE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+_ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY", SHARE)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -45,8 +51,8 @@ class MpsDaemon:
     daemon along: on the H100 (2026-12-06) a ``-d`` daemon outlived a node that never became ready.
     """
 
-    def __init__(self, control: str, root: Path) -> None:
-        self.control, self.root = control, root
+    def __init__(self, control: str, root: Path, sm_pct: int = 100) -> None:
+        self.control, self.root, self.sm_pct = control, root, sm_pct
         self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
         self._saved = {k: os.environ.get(k) for k in _ENV}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,6 +78,7 @@ class MpsDaemon:
                               else f"no control socket in {pipe} after {ready_s:.0f} s")
             time.sleep(0.02)
         os.environ.update(self.env)
+        join_share(self.sm_pct)  # this process's (the engine's) share; a feed process sets its own
 
     def stop(self) -> None:
         """Quit the daemon (and its server, once the clients are gone), restore the environment."""
@@ -110,8 +117,17 @@ def _has_context() -> bool:
         return False
 
 
-def start_mps(mode: str) -> MpsDaemon | None:
+def join_share(sm_pct: int) -> None:
+    """This process's share of the GPU's SMs (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) as an MPS client of the
+    node's daemon, before it makes its CUDA context; nothing outside MPS. Always written, so a feed process
+    does not keep the engine's share it inherited from the node."""
+    if "CUDA_MPS_PIPE_DIRECTORY" in os.environ:
+        os.environ[SHARE] = str(sm_pct)
+
+
+def start_mps(mode: str, engine_sm_pct: int = 100) -> MpsDaemon | None:
     """Start the node's MPS daemon as ``edge.gpu_mps`` says; None when off or (``auto``) not available.
+    This process joins it with ``engine_sm_pct`` of the SMs (``edge.gpu_mps_engine_sm_pct``).
 
     ``on`` makes a missing or failing ``nvidia-cuda-mps-control`` a :class:`ConfigError`; ``auto`` logs why
     and goes on without MPS (each process its own context, as before).
@@ -122,7 +138,7 @@ def start_mps(mode: str) -> MpsDaemon | None:
     if control is None:
         why = f"{CONTROL} is not on PATH (it ships with the NVIDIA driver's utilities)"
     else:
-        daemon = MpsDaemon(control, Path(tempfile.mkdtemp(prefix="gazsi-mps-")))
+        daemon = MpsDaemon(control, Path(tempfile.mkdtemp(prefix="gazsi-mps-")), engine_sm_pct)
         try:
             daemon.start()
         except (OSError, subprocess.SubprocessError) as exc:
@@ -131,7 +147,8 @@ def start_mps(mode: str) -> MpsDaemon | None:
         else:
             note = " (this process already has a CUDA context: only the feed processes are its clients)" \
                 if _has_context() else ""
-            log.info("gpu data plane: CUDA MPS daemon at %s%s", daemon.root, note)
+            log.info("gpu data plane: CUDA MPS daemon at %s%s, the engine's share of the SMs %d %%", daemon.root,
+                     note, engine_sm_pct)
             return daemon
     if mode == "on":
         raise ConfigError(f"edge.gpu_mps is on but {why}")

@@ -363,7 +363,7 @@ class EdgeNode:
         edge = settings.edge
         if edge.dataplane not in ("gpu", "gpunetio") or edge.gpu_feed != "workers" or edge.models:
             return None  # one process on the GPU (or none): nothing to share
-        return start_mps(edge.gpu_mps)
+        return start_mps(edge.gpu_mps, edge.gpu_mps_engine_sm_pct)
 
     def _stop_mps(self) -> None:
         mps, self._mps = self._mps, None

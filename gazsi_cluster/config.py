@@ -382,8 +382,10 @@ class EdgeConfig(_Section):
     )
     gpu_sync: Literal["auto", "spin", "yield", "blocking"] = Field(
         "auto", description="gpu data plane: how a feed process's CPU waits for its kernels (the CUDA device "
-        "schedule flag, set before the process makes its CUDA context): auto = CUDA's choice (it spins while "
-        "there are fewer contexts than cores), spin, yield, blocking (sleep until the GPU signals).",
+        "schedule flag, set before the process makes its CUDA context, and the flag of the events a feed's "
+        "waiter thread waits on): auto = blocking events, CUDA's choice for the rest (it spins while there are "
+        "fewer contexts than cores); spin, yield = the waiter thread spins (or yields its core) until the GPU is "
+        "done, no interrupt between; blocking = sleep until the GPU signals.",
     )
     gpu_mps: Literal["off", "auto", "on"] = Field(
         "auto", description="gpu data plane with feed processes: run them and the engine as clients of a "
@@ -391,6 +393,18 @@ class EdgeConfig(_Section):
         "kernels side by side instead of time-slicing one context per process (H100, 10 feeds: 37,160 instead "
         "of 10,095 /inference req/s, 0.31 instead of 1.16 ms CPU each); auto = when the daemon can be started "
         "(else without, logged), on = a node that cannot start it does not start.",
+    )
+    gpu_mps_engine_sm_pct: int = Field(
+        100, ge=1, le=100, description="gpu data plane under MPS: the share of the GPU's SMs the node process's "
+        "engine may hold at once (its CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); below 100 keeps SMs free for the feeds' "
+        "parse kernels. H100: a one-thread kernel's round trip beside a load filling every SM took 54 us at the "
+        "median (146 at p90) and 13 (16) with the load at 50 (benchmarks/gpu_share_probe.py), but the engine's "
+        "kernels are short, and the plane served 40,695 against 40,650 req/s at 85 and 38,060 against 44,204 at "
+        "50 (the engine slower). 100 = no limit.",
+    )
+    gpu_mps_feed_sm_pct: int = Field(
+        100, ge=1, le=100, description="gpu data plane under MPS: the share of the GPU's SMs each feed process's "
+        "kernels may hold at once (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the feed processes). 100 = no limit.",
     )
     gpu_slot_wait_s: float = Field(
         0.5, gt=0, le=60, description="gpu data plane: how long an /inference request may wait for a free ring "
@@ -404,9 +418,16 @@ class EdgeConfig(_Section):
     )
     gpu_stream_priority: Literal["default", "high"] = Field(
         "default", description="gpu data plane: the priority of a feed's CUDA streams: high = the device's "
-        "greatest, so a burst's small kernels go before the blocks of the model's next kernel (at load a "
-        "feed's GPU round trip took 330-640 us on an H100 against 26 us alone); default = the engine's. "
-        "Not yet measured on a GPU.",
+        "greatest, so a burst's small kernels go before the blocks of the model's next kernel; default = the "
+        "engine's. H100: no gain, in the plane (39,613 against 40,650 req/s) or for a probe kernel beside a load "
+        "filling every SM (53 against 54 us; benchmarks/gpu_share_probe.py).",
+    )
+    gpu_zero_copy: bool = Field(
+        False, description="gpu data plane: a burst's heads are read by the parse kernel from mapped pinned host "
+        "memory and its rows written back there (two kernels and an event per burst, as a GPUNetIO receive queue "
+        "would leave packets in GPU-visible memory), instead of uploaded and downloaded on the feed's stream "
+        "(two copies up, one down). H100, 10 feeds, c=256, two machine starts: 43,628 against 40,650 and 38,179 "
+        "against 40,558 /inference req/s: no difference beyond the noise between runs.",
     )
     gpu_build: Literal["gpu", "cpu"] = Field(
         "cpu", description="gpu data plane: who writes a hot /inference answer: cpu = the feed, with the renderer "

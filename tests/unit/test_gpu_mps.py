@@ -181,3 +181,36 @@ def test_yaml_on_and_off_mean_on_and_off(tmp_path: Path) -> None:
     assert load_settings(cfg).edge.gpu_mps == "on"
     cfg.write_text("edge:\n  gpu_mps: off\n")
     assert load_settings(cfg).edge.gpu_mps == "off"
+
+
+async def test_the_engine_and_each_feed_join_with_their_share_of_the_sms(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_node import node as node_module
+    from edge_node.mps import SHARE
+    from edge_node.transports.fast.worker import WorkerTransport
+    from edge_node.transports.gpu.worker import GpuWorkerTransport
+
+    stand_in(tmp_path, monkeypatch)
+    monkeypatch.delenv(SHARE, raising=False)
+    monkeypatch.setattr(node_module, "choose_dataplane", lambda requested: ("gpu", "test: a GPU is present"))
+    settings = _gpu_settings(tmp_path, gpu_mps_engine_sm_pct=70, gpu_mps_feed_sm_pct=15)
+    node = node_module.EdgeNode(settings)
+    # The node process (the engine's context is made later, in it) joins with the engine's share, and its feed
+    # processes inherit this environment...
+    assert os.environ[SHARE] == "70"
+    # ...so a feed process writes its own before it makes its context.
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(WorkerTransport, "__init__", lambda self, node, handoff: seen.update(share=os.environ[SHARE]))
+    GpuWorkerTransport(node, None)  # type: ignore[arg-type]
+    assert seen == {"share": "15"}
+    await node.stop()
+    assert SHARE not in os.environ  # restored with the daemon's other variables
+
+
+def test_outside_mps_no_share_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_node.mps import SHARE, join_share
+
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.delenv(SHARE, raising=False)
+    join_share(40)
+    assert SHARE not in os.environ

@@ -4,8 +4,9 @@
 * ``persistent`` (b): one kernel stays resident and polls a doorbell in mapped host memory;
   it returns on the exit flag, or by itself after ``max_idle_s`` without work (never hangs the GPU).
 * ``memops`` (c): the stream waits on the doorbell with ``cuStreamWaitValue32``, resets it with
-  ``cuStreamWriteValue32`` and runs the kernel; that sequence is captured once in a CUDA graph and
-  ``depth`` launches are kept pre-posted, one re-posted after each burst.
+  ``cuStreamWriteValue32`` and runs three kernels (the burst size into device memory, the parse, the done
+  count); that sequence is captured once in a CUDA graph and ``depth`` launches are kept pre-posted, one
+  re-posted after each burst.
 
 All three read request bytes straight from the same mapped pinned receive buffer (zero-copy, as
 GPUNetIO packets would already sit in GPU-visible memory) and write results to device memory.
@@ -88,6 +89,8 @@ class BurstRunner:
         mod = _module()
         self.k_parse = mod.get_function("gz_parse")
         self.k_ctrl = mod.get_function("gz_parse_ctrl")
+        self.k_mirror = mod.get_function("gz_ctrl_mirror")
+        self.k_done = mod.get_function("gz_ctrl_done")
         self.k_persistent = mod.get_function("gz_persistent")
         self.bursts = 0
 
@@ -207,8 +210,11 @@ class MemopsRunner(BurstRunner):
         (err,) = cu.cuStreamWriteValue32(hs, bell, 0, cu.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
         if err != cu.CUresult.CUDA_SUCCESS:
             raise RuntimeError(f"cuStreamWriteValue32: {err}")
-        self.k_ctrl((self.grid,), (32,), (self.d_rx, self.d_lens, self.d_results, self.d_dbuf, self.d_ctrl, self.d_blocks),
+        # The burst size into device memory (one thread), the parse (grid), the done count (one thread).
+        self.k_mirror((1,), (1,), (self.d_ctrl, self.d_blocks), stream=self.stream)
+        self.k_ctrl((self.grid,), (32,), (self.d_rx, self.d_lens, self.d_results, self.d_dbuf, self.d_blocks),
                     stream=self.stream)
+        self.k_done((1,), (1,), (self.d_ctrl,), stream=self.stream)
 
     def _post(self) -> None:
         if self.graph is not None:

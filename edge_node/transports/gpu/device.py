@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from . import _layout as L
+from .control import MappedBuffer
 from .ring import HostRing
 
 __all__ = ["SCHEDULE_FLAGS", "CudaDevice", "HttpDevice", "Launched", "ring_module", "set_schedule"]
@@ -147,11 +148,11 @@ def open_stream(priority: str = "default") -> tuple[Any, Callable[[], None]]:
     return cp.cuda.Stream(non_blocking=True), lambda: None
 
 
-def cuda_device(sync: str = "auto", priority: str = "default") -> Callable[[int], HttpDevice]:
+def cuda_device(sync: str = "auto", priority: str = "default", zero_copy: bool = False) -> Callable[[int], HttpDevice]:
     """The CUDA kernels' device factory, waiting for the GPU as ``edge.gpu_sync`` says, its streams at
-    ``edge.gpu_stream_priority``."""
+    ``edge.gpu_stream_priority``, copying a burst's heads and rows or not (``edge.gpu_zero_copy``)."""
     def make(capacity: int) -> HttpDevice:
-        return CudaDevice(capacity, sync=sync, priority=priority)
+        return CudaDevice(capacity, sync=sync, priority=priority, zero_copy=zero_copy)
 
     return make
 
@@ -160,17 +161,21 @@ class CudaDevice:
     """GPU buffers, the mapped ring and the kernels for bursts of up to ``capacity`` heads.
 
     ``sync``: :func:`set_schedule` first (``edge.gpu_sync``); ``priority``: :func:`open_stream`'s.
+    ``zero_copy`` (``edge.gpu_zero_copy``): a burst is two kernels and an event, where it was two uploads, two
+    kernels, a download and an event: the parse kernel reads the heads from mapped pinned host memory and the
+    admit kernel writes the rows there too. Each operation on a stream is a turn in the GPU's queues, which
+    at load cost far more than the kernels' own 26 us.
     """
 
-    def __init__(self, capacity: int = 1024, *, sync: str = "auto", priority: str = "default") -> None:
+    def __init__(self, capacity: int = 1024, *, sync: str = "auto", priority: str = "default",
+                 zero_copy: bool = False) -> None:
         import cupy as cp
 
         set_schedule(sync, cp.cuda.runtime.getDevice())
 
-        from .control import MappedBuffer
         from .kernels import GpuHttpEngine
 
-        self.engine = GpuHttpEngine(capacity)
+        self.engine = GpuHttpEngine(capacity, mapped=zero_copy)
         self.ring_mem = MappedBuffer(L.RING_BYTES)
         self.ring = HostRing(self.ring_mem.array)
         self.d_ring = self.ring_mem.device_array(cp.uint8, (L.RING_BYTES,))
@@ -178,16 +183,26 @@ class CudaDevice:
         self.k_admit = mod.get_function("gz_ring_admit")
         self.k_build = mod.get_function("gz_ring_build")
         self.d_built = cp.full(L.RING_N, -1, dtype=cp.int32)
-        # Bursts and builds each on a stream of their own (neither waits behind the other), results copied
-        # into pinned host memory on that stream, an event with blocking sync after it: waiting sleeps.
+        # Bursts and builds each on a stream of their own (neither waits behind the other), an event after
+        # each. With gpu_sync auto or blocking the event has blocking sync: the waiter thread sleeps until the
+        # GPU's interrupt wakes it. With spin or yield it waits as the context does (spinning, or yielding its
+        # core), the GIL released: a CPU for a wake-up that does not go through an interrupt.
         self.parse_stream, free_parse = open_stream(priority)
         self.build_stream, free_build = open_stream(priority)
         self._free_streams = (free_parse, free_build)
-        self.parse_done = cp.cuda.Event(block=True, disable_timing=True)
-        self.build_done = cp.cuda.Event(block=True, disable_timing=True)
-        self._h_rows_mem = cp.cuda.alloc_pinned_memory(capacity * L.NFIELDS * 4)
-        self.h_rows = np.frombuffer(self._h_rows_mem, dtype=np.int32, count=capacity * L.NFIELDS).reshape(
-            capacity, L.NFIELDS)
+        block = sync in ("auto", "blocking")
+        self.parse_done = cp.cuda.Event(block=block, disable_timing=True)
+        self.build_done = cp.cuda.Event(block=block, disable_timing=True)
+        self._rows_out: Any = np.uintp(0)  # gz_ring_admit's rows_out: none, the rows are copied down
+        self._mapped_rows: MappedBuffer | None = None
+        if zero_copy:
+            self._mapped_rows = MappedBuffer(capacity * L.NFIELDS * 4, np.int32)
+            self.h_rows = self._mapped_rows.array.reshape(capacity, L.NFIELDS)
+            self._rows_out = np.uintp(self._mapped_rows.dev_ptr)
+        else:
+            self._h_rows_mem = cp.cuda.alloc_pinned_memory(capacity * L.NFIELDS * 4)
+            self.h_rows = np.frombuffer(self._h_rows_mem, dtype=np.int32, count=capacity * L.NFIELDS).reshape(
+                capacity, L.NFIELDS)
         self._h_built_mem = cp.cuda.alloc_pinned_memory(L.RING_N * 4)
         self.h_built = np.frombuffer(self._h_built_mem, dtype=np.int32, count=L.RING_N)
 
@@ -202,9 +217,10 @@ class CudaDevice:
         n = eng.load(heads)
         eng.upload(n, stream)
         eng.launch_parse(n, stream)
-        self.k_admit(((n + 127) // 128,), (128,), (eng.d_results, eng.d_dbuf, np.int32(n), self.d_ring),
-                     stream=stream)
-        self._to_host(self.h_rows[:n], eng.d_results[:n], stream)
+        self.k_admit(((n + 127) // 128,), (128,), (eng.d_results, eng.d_dbuf, np.int32(n), self.d_ring,
+                                                   self._rows_out), stream=stream)
+        if self._mapped_rows is None:
+            self._to_host(self.h_rows[:n], eng.d_results[:n], stream)
         self.parse_done.record(stream)
         return Launched(lambda: self.h_rows[:n].copy(), self.parse_done)
 
@@ -224,5 +240,8 @@ class CudaDevice:
 
         cp.cuda.Device().synchronize()  # no kernel may touch the ring once it is freed
         self.ring_mem.free()
+        self.engine.free()
+        if self._mapped_rows is not None:
+            self._mapped_rows.free()
         for free in self._free_streams:
             free()

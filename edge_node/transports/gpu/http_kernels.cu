@@ -401,14 +401,27 @@ __device__ __forceinline__ void gz_block_done(volatile u32* ctrl, u32* dev_block
     }
 }
 
-// Mode (c): launched (inside a CUDA graph) after cuStreamWaitValue32 on the doorbell; reads the
-// burst size from the control block because graph parameters are fixed at capture.
+// Mode (c), three kernels after cuStreamWaitValue32 on the doorbell (inside a CUDA graph, whose parameters
+// are fixed at capture, so the burst size comes from the control block): one thread copies the size from
+// mapped host memory into device memory, the grid parses, one thread counts the burst done. Stream order
+// stands between them, so no block reads host memory or fences to system scope. It used to be one kernel
+// whose every block did both: 543 us a burst of 16 on 264 blocks, 68 on 16, against 8 us for the stream's
+// wait and write alone (H100, 2026-12-07, benchmarks/gpu_dataplane_bench.py --part memops-probe).
+#define M_N 3          // dev_blocks[M_N]: the burst size, 0 on exit (also the persistent kernel's mirror of C_N)
+extern "C" __global__ void gz_ctrl_mirror(const volatile u32* ctrl, u32* dev_blocks) {
+    dev_blocks[M_N] = ctrl[C_EXIT] ? 0u : ctrl[C_N];
+}
+
 extern "C" __global__ void gz_parse_ctrl(const u8* __restrict__ reqs, const int* __restrict__ lens,
-                                         int* __restrict__ results, u8* __restrict__ dbuf, volatile u32* ctrl,
-                                         u32* dev_blocks) {
-    const int n = ctrl[C_EXIT] ? 0 : (int)ctrl[C_N];
+                                         int* __restrict__ results, u8* __restrict__ dbuf,
+                                         const u32* __restrict__ dev_blocks) {
+    const int n = (int)dev_blocks[M_N];
     for (int r = blockIdx.x; r < n; r += gridDim.x) gz_parse_one(r, reqs, lens, results, dbuf);
-    gz_block_done(ctrl, dev_blocks);
+}
+
+extern "C" __global__ void gz_ctrl_done(volatile u32* ctrl) {
+    __threadfence_system();
+    ctrl[C_DONE] = ctrl[C_DONE] + 1;  // single writer: the stream runs one burst at a time
 }
 
 // Mode (b): a persistent kernel. Block 0 polls the doorbell (a burst sequence number) in host memory
@@ -419,7 +432,7 @@ extern "C" __global__ void gz_parse_ctrl(const u8* __restrict__ reqs, const int*
 // exit flag, and also after max_idle_ns without work, so a host that died can never leave the GPU spinning.
 #define M_BELL 1       // dev_blocks[M_BELL]: block 0's copy of C_DOORBELL
 #define M_EXIT 2       // ... of C_EXIT
-#define M_N 3          // ... of C_N, written before M_BELL
+                       // dev_blocks[M_N]: ... of C_N, written before M_BELL
 extern "C" __global__ void gz_persistent(const u8* __restrict__ reqs, const int* __restrict__ lens,
                                          int* __restrict__ results, u8* __restrict__ dbuf, volatile u32* ctrl,
                                          u32* dev_blocks, u32 first_seq, u64 max_idle_ns) {

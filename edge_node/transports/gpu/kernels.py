@@ -79,21 +79,32 @@ def _module() -> Any:
 class GpuHttpEngine:
     """Device buffers for up to ``capacity`` requests per burst, and the two kernels."""
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, *, mapped: bool = False) -> None:
         import cupy as cp
 
         self.capacity = capacity
         mod = _module()
         self.parse_kernel = mod.get_function("gz_parse")
         self.build_kernel = mod.get_function("gz_build")
-        self.h_reqs = cp.cuda.alloc_pinned_memory(capacity * L.REQ_STRIDE)
-        self.reqs_np = np.frombuffer(self.h_reqs, dtype=np.uint8, count=capacity * L.REQ_STRIDE)
-        # Pinned too: an upload on a stream is then a real async copy (both are rewritten only by the next
-        # burst's load, after this one's event).
-        self.h_lens = cp.cuda.alloc_pinned_memory(capacity * 4)
-        self.lens_np = np.frombuffer(self.h_lens, dtype=np.int32, count=capacity)
-        self.d_reqs = cp.empty(capacity * L.REQ_STRIDE, dtype=cp.uint8)
-        self.d_lens = cp.empty(capacity, dtype=cp.int32)
+        self.mapped: list[Any] = []
+        if mapped:
+            # Zero-copy (edge.gpu_zero_copy): the parse kernel reads the heads from mapped pinned host memory,
+            # as a GPUNetIO receive queue's packets would sit in GPU-visible memory; no upload on the stream.
+            from .control import MappedBuffer
+
+            self.mapped = [MappedBuffer(capacity * L.REQ_STRIDE), MappedBuffer(capacity * 4, np.int32)]
+            self.reqs_np, self.lens_np = (m.array for m in self.mapped)
+            self.d_reqs = self.mapped[0].device_array(cp.uint8, (capacity * L.REQ_STRIDE,))
+            self.d_lens = self.mapped[1].device_array(cp.int32, (capacity,))
+        else:
+            self.h_reqs = cp.cuda.alloc_pinned_memory(capacity * L.REQ_STRIDE)
+            self.reqs_np = np.frombuffer(self.h_reqs, dtype=np.uint8, count=capacity * L.REQ_STRIDE)
+            # Pinned too: an upload on a stream is then a real async copy (both are rewritten only by the next
+            # burst's load, after this one's event).
+            self.h_lens = cp.cuda.alloc_pinned_memory(capacity * 4)
+            self.lens_np = np.frombuffer(self.h_lens, dtype=np.int32, count=capacity)
+            self.d_reqs = cp.empty(capacity * L.REQ_STRIDE, dtype=cp.uint8)
+            self.d_lens = cp.empty(capacity, dtype=cp.int32)
         self.d_results = cp.empty((capacity, L.NFIELDS), dtype=cp.int32)
         self.d_dbuf = cp.zeros(capacity * L.D_MAX, dtype=cp.uint8)
         blob, idx = canned_table()
@@ -116,8 +127,15 @@ class GpuHttpEngine:
         return n
 
     def upload(self, n: int, stream: Any = None) -> None:
+        if self.mapped:
+            return  # the kernel reads the heads where they landed
         self.d_reqs[: n * L.REQ_STRIDE].set(self.reqs_np[: n * L.REQ_STRIDE], stream=stream)
         self.d_lens[:n].set(self.lens_np[:n], stream=stream)
+
+    def free(self) -> None:
+        """The mapped receive buffers (after the device is idle); the rest is CuPy's."""
+        for buf in self.mapped:
+            buf.free()
 
     def launch_parse(self, n: int, stream: Any = None) -> None:
         self.parse_kernel((n,), (32,), (self.d_reqs, self.d_lens, np.int32(n), self.d_results, self.d_dbuf),

@@ -116,10 +116,7 @@ __device__ __forceinline__ int gz_move(GzRing r, u32 slot, u32 from, u32 to) {
 // After gz_parse: every 200 /inference request takes a free slot, gets its decoded d and job
 // fields there, becomes PARAM_READY and is queued for the CPU. results[R_SLOT] = slot, or -2
 // when no slot is free (the host answers 429) and -3 if a queue misbehaved (500).
-extern "C" __global__ void gz_ring_admit(int* __restrict__ results, const u8* __restrict__ dbuf, int n, u8* base) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    int* res = results + (i64)i * GZ_NFIELDS;
+__device__ __forceinline__ void gz_admit_one(int* res, const u8* __restrict__ dbuf, int i, u8* base) {
     if (res[R_STATUS] != 200 || res[R_ROUTE] != ROUTE_INFERENCE) return;
     GzRing r = gz_ring(base);
     u32 slot;
@@ -146,6 +143,20 @@ extern "C" __global__ void gz_ring_admit(int* __restrict__ results, const u8* __
     if (!gz_move(r, slot, S_FREE, S_PARAM_READY)) { res[R_SLOT] = -3; return; }
     if (gz_q_push(r, 1, slot) != 1) { atomicAdd_system(r.hdr + RH_ERRORS, 1u); res[R_SLOT] = -3; return; }
     res[R_SLOT] = (int)slot;
+}
+
+// rows_out (may be null): the finished rows also written there, mapped pinned host memory, so the host reads
+// them without a device-to-host copy on the stream (one operation fewer per burst).
+extern "C" __global__ void gz_ring_admit(int* __restrict__ results, const u8* __restrict__ dbuf, int n, u8* base,
+                                         int* __restrict__ rows_out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int* res = results + (i64)i * GZ_NFIELDS;
+    gz_admit_one(res, dbuf, i, base);
+    if (rows_out != nullptr) {
+        int* o = rows_out + (i64)i * GZ_NFIELDS;
+        for (int k = 0; k < GZ_NFIELDS; ++k) o[k] = res[k];
+    }
 }
 
 // Builds the responses the CPU queued: thread i pops one slot from the response queue, moves it

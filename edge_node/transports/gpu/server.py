@@ -143,7 +143,7 @@ class GpuDataplane:
         return cls(pipeline, limits=FeedLimits.from_config(limits), max_pending=edge.gpu_queue_capacity,
                    slot_wait_s=edge.gpu_slot_wait_s, retry_after_s=settings.limits.retry_after_s,
                    poll_us=edge.gpu_poll_us, build=edge.gpu_build,
-                   device=device or cuda_device(edge.gpu_sync, edge.gpu_stream_priority))
+                   device=device or cuda_device(edge.gpu_sync, edge.gpu_stream_priority, edge.gpu_zero_copy))
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:

@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from edge_node.mps import join_share
 from edge_node.transports.fast.channel import send_message
 from edge_node.transports.fast.worker import WorkerHandoff, WorkerTransport
 from edge_node.transports.gpu.feed import FeedLimits
@@ -52,6 +53,8 @@ class GpuWorkerTransport(WorkerTransport):
         # cores at 1.8x the CPU time of one thread (2-core machine), time the other feeds and the engine need.
         # Read by the tokenizers library at each call; an operator's own setting stands.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Before this process makes its CUDA context (the plane's start): its share of the SMs under the node's MPS.
+        join_share(node.settings.edge.gpu_mps_feed_sm_pct)
         super().__init__(node, handoff)
         self.plane: GpuDataplane | None = None
         self._device = device
