@@ -426,8 +426,8 @@ class EdgeConfig(_Section):
         False, description="gpu data plane: a burst's heads are read by the parse kernel from mapped pinned host "
         "memory and its rows written back there (two kernels and an event per burst, as a GPUNetIO receive queue "
         "would leave packets in GPU-visible memory), instead of uploaded and downloaded on the feed's stream "
-        "(two copies up, one down). H100, 10 feeds, c=256, two machine starts: 43,628 against 40,650 and 38,179 "
-        "against 40,558 /inference req/s: no difference beyond the noise between runs.",
+        "(two copies up, one down). H100, 10 feeds, c=256, four pairs in three machine starts: +7, -6, +7 and "
+        "-8 % /inference req/s: no difference beyond the noise between runs.",
     )
     gpu_build: Literal["gpu", "cpu"] = Field(
         "cpu", description="gpu data plane: who writes a hot /inference answer: cpu = the feed, with the renderer "

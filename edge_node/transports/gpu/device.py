@@ -162,9 +162,9 @@ class CudaDevice:
 
     ``sync``: :func:`set_schedule` first (``edge.gpu_sync``); ``priority``: :func:`open_stream`'s.
     ``zero_copy`` (``edge.gpu_zero_copy``): a burst is two kernels and an event, where it was two uploads, two
-    kernels, a download and an event: the parse kernel reads the heads from mapped pinned host memory and the
-    admit kernel writes the rows there too. Each operation on a stream is a turn in the GPU's queues, which
-    at load cost far more than the kernels' own 26 us.
+    kernels, a download and an event: the parse kernel reads the heads from mapped pinned host memory (where a
+    GPUNetIO queue would leave packets) and the admit kernel writes the rows there too. On the H100 neither
+    way was faster beyond the noise between runs (docs/gpunetio.md), so copies stay the default.
     """
 
     def __init__(self, capacity: int = 1024, *, sync: str = "auto", priority: str = "default",
