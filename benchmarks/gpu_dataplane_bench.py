@@ -96,9 +96,11 @@ def memops_probe(reps: int = 200) -> None:
     bell = cu.CUdeviceptr(ctrl.dev_ptr + 4 * C_DOORBELL)
     done = cu.CUdeviceptr(ctrl.dev_ptr + 4 * C_DONE)
     stream.begin_capture()
-    cu.cuStreamWaitValue32(hs, bell, 1, cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
-    cu.cuStreamWriteValue32(hs, bell, 0, cu.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
-    cu.cuStreamWriteValue32(hs, done, 1, cu.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+    for (err,) in (cu.cuStreamWaitValue32(hs, bell, 1, cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ),
+                   cu.cuStreamWriteValue32(hs, bell, 0, cu.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT),
+                   cu.cuStreamWriteValue32(hs, done, 1, cu.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)):
+        if err != cu.CUresult.CUDA_SUCCESS:  # a refused memop would time nothing: say so instead
+            raise RuntimeError(f"stream memop refused: {err}")
     graph = stream.end_capture()
     arr, lat = ctrl.array, []
     for i in range(reps + 10):
